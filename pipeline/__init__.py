@@ -1,0 +1,1 @@
+"""EMO pipeline: the model and its sampler, importable alone."""
