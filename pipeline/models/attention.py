@@ -1,0 +1,165 @@
+"""Attention as EMO's UNets use it: spatial self-attention, reference-attention, the block that holds them.
+
+Parameter names follow diffusers' `Transformer2DModel` / `BasicTransformerBlock` (`norm`, `proj_in`,
+`transformer_blocks.0.{norm1,attn1,norm2,attn2,norm3,ff}`, `proj_out`), so SD 1.5 weights load by name.
+
+Reference-attention (EMO's replacement of SD's text cross-attention) lives in `attn2`: its queries are the
+frame's tokens, its keys/values are the ReferenceNet tokens recorded at the same block (the input of that
+block's spatial self-attention, i.e. `norm1(x)`). In the ReferenceNet itself `attn2` attends to its own
+`norm1(x)`, so both UNets have one structure. Keys/values are the reference tokens only; Animate Anyone's
+variant (the frame's own tokens concatenated in front) is a one-line change in `_reference_context`.
+A "null" reference (classifier-free guidance, condition dropout) is a zero tensor: zero keys and values
+make the attention output collapse to the output bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention import FeedForward
+from einops import rearrange
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Multi-head attention on PyTorch SDPA with optional slicing over (batch x heads).
+
+    Same parameter names as diffusers' `Attention` (`to_q`, `to_k`, `to_v`, `to_out.0`). It is our own class
+    so that diffusers' processor switches (`set_default_attn_processor`, xformers) cannot silently replace
+    EMO's reference/audio attention; slicing is set by `set_attention_slice` on the owning model.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        heads: int,
+        dim_head: int,
+        context_dim: int | None = None,
+        zero_init_out: bool = False,
+    ):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(0.0)])
+        self.slice_size: int | None = None
+        if zero_init_out:
+            nn.init.zeros_(self.to_out[0].weight)
+            nn.init.zeros_(self.to_out[0].bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (b, l, c); context: (b, s, c_ctx) -> (b, l, c)
+        context = x if context is None else context
+        q, k, v = (
+            rearrange(t, "b l (h d) -> (b h) l d", h=self.heads)
+            for t in (self.to_q(x), self.to_k(context), self.to_v(context))
+        )
+        if self.slice_size is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            s = self.slice_size
+            out = torch.cat(
+                [F.scaled_dot_product_attention(q[i : i + s], k[i : i + s], v[i : i + s]) for i in range(0, len(q), s)]
+            )
+        out = rearrange(out, "(b h) l d -> b l (h d)", h=self.heads)
+        return self.to_out[1](self.to_out[0](out))
+
+
+def grouped_attention(attn: Attention, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """Attend `query` (b*g, l, c) to one shared `context` (b, s, c) per group of g items (g frames).
+
+    Folding the g items into the sequence axis gives the same result as repeating the context g times,
+    without the copy: (b*g, l, c) -> (b, g*l, c).
+    """
+    b = context.shape[0]
+    g = query.shape[0] // b
+    out = attn(rearrange(query, "(b g) l c -> b (g l) c", b=b), context)
+    return rearrange(out, "b (g l) c -> (b g) l c", g=g)
+
+
+@dataclass
+class Conditions:
+    """What the UNet blocks read (and, for the ReferenceNet, write) besides the hidden states.
+
+    Keys are module paths of the block that uses a feature, e.g. `down_blocks.0.attentions.0.transformer_blocks.0`
+    for reference tokens and `down_blocks.0.motion_modules.0` for motion-frame features.
+    """
+
+    num_frames: int = 1
+    reference: dict[str, torch.Tensor] | None = None  # key -> (b, s, c) reference tokens
+    motion: dict[str, torch.Tensor] | None = None  # key -> (b, n, c, h, w) motion-frame features
+    audio: torch.Tensor | None = None  # (b*f, k, d) audio tokens of each frame
+    speed: torch.Tensor | None = None  # (b, f, d_speed) speed embedding of each frame
+    record: dict[str, torch.Tensor] | None = None  # ReferenceNet writes its features here
+
+
+class SpatialTransformerBlock(nn.Module):
+    """Self-attention -> reference-attention -> (audio-attention) -> feed-forward, on (n, h*w, c) tokens."""
+
+    def __init__(self, dim: int, heads: int, audio_attention: nn.Module | None = None):
+        super().__init__()
+        dim_head = dim // heads
+        self.key = ""  # set by the owning UNet to this block's module path
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, dim_head)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, dim_head)
+        self.audio_attention = audio_attention
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, activation_fn="geglu")
+
+    def _reference_context(self, own_tokens: torch.Tensor, cond: Conditions) -> torch.Tensor:
+        if cond.reference is None:  # ReferenceNet: the reference is the image itself
+            return own_tokens
+        return cond.reference[self.key]
+
+    def forward(self, x: torch.Tensor, cond: Conditions) -> torch.Tensor:
+        tokens = self.norm1(x)
+        if cond.record is not None:
+            cond.record[self.key] = tokens
+        x = self.attn1(tokens) + x
+        x = grouped_attention(self.attn2, self.norm2(x), self._reference_context(tokens, cond)) + x
+        if self.audio_attention is not None and cond.audio is not None:
+            x = self.audio_attention(x, cond.audio) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """diffusers `Transformer2DModel` layout (conv projections, as SD 1.5): (n, c, h, w) -> (n, c, h, w)."""
+
+    def __init__(self, dim: int, heads: int, num_layers: int, norm_groups: int, make_audio_attention=None):
+        super().__init__()
+        self.norm = nn.GroupNorm(norm_groups, dim, eps=1e-6)
+        self.proj_in = nn.Conv2d(dim, dim, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [
+                SpatialTransformerBlock(dim, heads, make_audio_attention(dim) if make_audio_attention else None)
+                for _ in range(num_layers)
+            ]
+        )
+        self.proj_out = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor, cond: Conditions) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        y = rearrange(self.proj_in(self.norm(x)), "n c h w -> n (h w) c")
+        for block in self.transformer_blocks:
+            y = block(y, cond)
+        return self.proj_out(rearrange(y, "n (h w) c -> n c h w", h=h, w=w)) + x
+
+
+class AttentionSlicingMixin:
+    """`set_attention_slice` for models built from `Attention`; diffusers' `enable_attention_slicing` calls it."""
+
+    def set_attention_slice(self, slice_size: str | int | None) -> None:
+        for module in self.modules():
+            if isinstance(module, Attention):
+                if slice_size == "auto":
+                    module.slice_size = max(module.heads // 2, 1)
+                elif slice_size == "max":
+                    module.slice_size = 1
+                else:
+                    module.slice_size = slice_size

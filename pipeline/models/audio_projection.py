@@ -1,0 +1,46 @@
+"""Audio projection: the wav2vec2 features of a window of 2m+1 frames -> audio tokens of one video frame.
+
+EMO concatenates the features of frames f-m .. f+m (m = 2) from all wav2vec2 layers. Parameter names follow
+Hallo's `AudioProjModel` (`proj1`, `proj2`, `proj3`, `norm`), so its trained weights can be mapped later.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from einops import rearrange
+from torch import nn
+
+
+def frame_windows(features: torch.Tensor, m: int) -> torch.Tensor:
+    """(b, f, ...) per-frame features -> (b, f, 2m+1, ...) windows f-m..f+m, edges repeated."""
+    padded = torch.cat([features[:, :1].expand(-1, m, *features.shape[2:]), features,
+                        features[:, -1:].expand(-1, m, *features.shape[2:])], dim=1)  # fmt: skip
+    return torch.stack([padded[:, i : i + features.shape[1]] for i in range(2 * m + 1)], dim=2)
+
+
+class AudioProjection(ModelMixin, ConfigMixin):
+    @register_to_config
+    def __init__(
+        self,
+        window: int = 2,
+        num_layers: int = 13,
+        feature_dim: int = 768,
+        intermediate_dim: int = 512,
+        output_dim: int = 768,
+        context_tokens: int = 32,
+    ):
+        super().__init__()
+        self.proj1 = nn.Linear((2 * window + 1) * num_layers * feature_dim, intermediate_dim)
+        self.proj2 = nn.Linear(intermediate_dim, intermediate_dim)
+        self.proj3 = nn.Linear(intermediate_dim, context_tokens * output_dim)
+        self.norm = nn.LayerNorm(output_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features: (b, f, layers, dim) per video frame -> audio tokens (b, f, context_tokens, output_dim)."""
+        x = rearrange(frame_windows(features.to(self.dtype), self.config.window), "b f w l d -> b f (w l d)")
+        x = torch.relu(self.proj1(x))
+        x = torch.relu(self.proj2(x))
+        x = rearrange(self.proj3(x), "b f (k d) -> b f k d", k=self.config.context_tokens)
+        return self.norm(x)
