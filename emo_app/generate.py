@@ -1,0 +1,316 @@
+"""Files in, mp4 out: the generation service shared by the CLI and the Gradio UI.
+
+`generate(pipe, image, audio_path, output_path, settings)` does, in order:
+1. read and check the portrait, crop the face (EMO's 512 x 512 head-and-shoulders framing) and make the
+   face-locator mask from the detected box;
+2. read the audio (16 kHz mono for the model), refusing audio longer than `settings.max_duration`;
+3. run the pipeline clip by clip with `output_type="none"`: every decoded clip goes straight into the
+   mp4 encoder (pasted back into the photo if asked), so memory does not grow with the video's length;
+4. mux the ORIGINAL audio file (not the 16 kHz copy) and move the mp4 onto `output_path` atomically.
+
+Bad inputs raise `InputError` with a one-line message that names the problem and the fix. A cancelled or
+failed run leaves no file at `output_path` (an existing file there is kept as it was).
+`prepare_inputs` + `render` are the same two halves, for callers (the CLI) that check the inputs before
+loading a model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from pipeline import EmoPipeline
+from pipeline.audio import Audio, AudioLoadError, load_audio
+from pipeline.face import FaceCrop, NoFaceError, PasteBack, crop_face, face_mask, to_rgb_array
+
+from .video import VideoWriter
+
+MODEL_SAMPLING_RATE = 16_000  # Hz: wav2vec2's input rate
+CROP_SIZE = 512  # pixels: side of the face crop (EMO's training crops); the pipeline resizes to its own size
+CLIP_LENGTH = 12  # frames generated per clip (EMO's f = 12)
+MIN_IMAGE_SIDE = 64  # pixels: below this, a photo has too little face to animate
+
+ProgressCallback = Callable[[int, int, int, int], None]
+
+
+def _default(function: Callable, argument: str) -> float:
+    """The default value of `function`'s keyword `argument` (so `pipeline.face` stays the one source)."""
+    return inspect.signature(function).parameters[argument].default
+
+
+class InputError(ValueError):
+    """A bad input (portrait, audio, setting); the one-line message names the problem and the fix."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+@dataclass
+class GenerationSettings:
+    """How to generate.
+
+    Attributes:
+        steps: DDIM steps per clip (EMO: 40; fewer than 20 give artifacts).
+        guidance_scale: classifier-free guidance on the audio (1 disables it; 3.5 as the open peers).
+        head_speed: head rotation speed, degrees per frame (speech 0.1-1.0, singing 1.0-1.3, > 1.5 jittery).
+        seed: random seed; None draws one, reported back in `GenerationResult.seed`.
+        fps: frames per second of the video.
+        paste_back: paste the generated face crop back into the full photo (video of the photo's size).
+        max_duration: longest accepted audio, seconds.
+        crop_margin: space around the face box on each side, as a fraction of the box side.
+        mask_expand: scale of the face box that bounds where the face may move (face-locator mask).
+    """
+
+    steps: int = 40
+    guidance_scale: float = 3.5
+    head_speed: float = 1.0
+    seed: int | None = None
+    fps: float = 25
+    paste_back: bool = False
+    max_duration: float = 60.0
+    crop_margin: float = field(default_factory=lambda: _default(crop_face, "margin"))
+    mask_expand: float = field(default_factory=lambda: _default(face_mask, "expand"))
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("steps", isinstance(self.steps, int) and self.steps >= 1, "a whole number >= 1"),
+            ("guidance_scale", self.guidance_scale >= 0, "a number >= 0"),
+            ("head_speed", 0 <= self.head_speed <= 10, "degrees per frame in [0, 10] (usually 0.1-1.3)"),
+            ("fps", 0 < self.fps <= 120, "frames per second in (0, 120]"),
+            ("max_duration", self.max_duration > 0, "seconds > 0"),
+            ("crop_margin", self.crop_margin >= 0, "a fraction >= 0 of the face box"),
+            ("mask_expand", self.mask_expand >= 1, "a box scale >= 1"),
+        )
+        for name, ok, expected in checks:
+            if not ok:
+                raise InputError(f"{name} must be {expected}, got {getattr(self, name)!r}.")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InputError(f"seed must be a whole number in [0, 2^63), got {self.seed!r}.")
+
+
+@dataclass
+class PreparedInputs:
+    """Checked inputs, ready for the model.
+
+    Attributes:
+        original: the photo as uint8 RGB (H, W, 3), EXIF rotation applied.
+        crop: the square face crop (`crop.image` is CROP_SIZE x CROP_SIZE) and where it came from.
+        mask: face-locator mask of the crop, float32 (CROP_SIZE, CROP_SIZE) of 0 and 1.
+        speech: the audio as 16 kHz mono (what the model hears).
+        audio_path: the original audio file (what the video plays).
+        num_frames: video frames, ceil(duration x fps); num_clips: clips of CLIP_LENGTH frames.
+    """
+
+    original: np.ndarray
+    crop: FaceCrop
+    mask: np.ndarray
+    speech: Audio
+    audio_path: Path
+    num_frames: int
+    num_clips: int
+
+    @property
+    def duration_s(self) -> float:
+        """Length of the audio, seconds."""
+        return self.speech.duration
+
+
+@dataclass
+class GenerationResult:
+    """What `generate` made.
+
+    Attributes:
+        path: the output mp4 (absent when cancelled).
+        num_frames: frames generated (before the cancel, if cancelled).
+        duration_s: video length, num_frames / fps seconds.
+        seed: the seed used (the drawn one when settings.seed was None).
+        seconds: wall time of the model run and the encoding, seconds.
+        cancelled: True when `cancel` stopped the run; then no file was written.
+    """
+
+    path: Path
+    num_frames: int
+    duration_s: float
+    seed: int
+    seconds: float
+    cancelled: bool
+
+
+def _frame_count(speech: Audio, fps: float) -> tuple[int, int]:
+    """(frames, clips) of the video for `speech`, counted exactly as EmoPipeline counts them."""
+    num_frames = math.ceil(speech.samples.shape[-1] / speech.sampling_rate * fps - 1e-6)
+    return num_frames, math.ceil(num_frames / CLIP_LENGTH)
+
+
+def load_speech(
+    audio_path: str | Path, settings: GenerationSettings, *, limit_hint: str = "max_duration"
+) -> Audio:
+    """The audio file as 16 kHz mono, checked: readable, not empty, at most `settings.max_duration` seconds.
+
+    `limit_hint` names the option that raises the limit in the error message (e.g. "--max-duration").
+    """
+    try:
+        return load_audio(
+            audio_path,
+            sampling_rate=MODEL_SAMPLING_RATE,
+            mono=True,
+            max_duration=settings.max_duration,
+            limit_hint=limit_hint,
+        )
+    except AudioLoadError as error:
+        raise InputError(str(error)) from error
+
+
+def load_image(image: str | Path | PIL.Image.Image | np.ndarray) -> np.ndarray:
+    """The portrait as uint8 RGB (H, W, 3), checked: an existing, readable image of at least MIN_IMAGE_SIDE px."""
+    try:
+        rgb = to_rgb_array(image)
+    except FileNotFoundError as error:
+        raise InputError(f"{error}: check the path.") from error
+    except (ValueError, TypeError, PIL.Image.DecompressionBombError) as error:
+        raise InputError(f"{error}. Use a JPEG or PNG photo.") from error
+    height, width = rgb.shape[:2]
+    if min(height, width) < MIN_IMAGE_SIDE:
+        raise InputError(
+            f"The portrait is only {width}x{height} px: use a photo of at least {MIN_IMAGE_SIDE} px a side "
+            "(512 px or more around the face is best)."
+        )
+    return rgb
+
+
+def prepare_inputs(
+    image: str | Path | PIL.Image.Image | np.ndarray,
+    audio_path: str | Path,
+    settings: GenerationSettings,
+    *,
+    limit_hint: str = "max_duration",
+) -> PreparedInputs:
+    """Read and check the portrait and the audio; crop the face. Raises InputError naming the problem."""
+    original = load_image(image)
+    try:
+        crop = crop_face(original, size=CROP_SIZE, margin=settings.crop_margin)
+    except NoFaceError as error:
+        raise InputError(str(error)) from error
+    mask = face_mask(crop.face_box_in_crop, (CROP_SIZE, CROP_SIZE), expand=settings.mask_expand)
+    speech = load_speech(audio_path, settings, limit_hint=limit_hint)
+    num_frames, num_clips = _frame_count(speech, settings.fps)
+    return PreparedInputs(original, crop, mask, speech, Path(audio_path), num_frames, num_clips)
+
+
+def estimate(
+    pipe: EmoPipeline,
+    audio_path: str | Path,
+    settings: GenerationSettings,
+    *,
+    limit_hint: str = "max_duration",
+) -> dict:
+    """What a run will make, before making it: {"duration_s" (seconds of audio), "num_frames", "num_clips",
+    "resolution" (frame side of the model, pixels)}. Raises InputError for unusable audio."""
+    speech = load_speech(audio_path, settings, limit_hint=limit_hint)
+    num_frames, num_clips = _frame_count(speech, settings.fps)
+    return {
+        "duration_s": speech.duration,
+        "num_frames": num_frames,
+        "num_clips": num_clips,
+        "resolution": pipe.default_size,
+    }
+
+
+def render(
+    pipe: EmoPipeline,
+    inputs: PreparedInputs,
+    output_path: str | Path,
+    settings: GenerationSettings,
+    *,
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> GenerationResult:
+    """Generate the video of prepared inputs into `output_path` (see `generate`)."""
+    start = time.perf_counter()
+    output_path = Path(output_path)
+    if output_path.is_dir():
+        raise InputError(f"The output '{output_path}' is a folder: give a file name ending in .mp4.")
+    seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**31)
+    paste = PasteBack(inputs.crop, inputs.original) if settings.paste_back else None
+
+    def on_step(pipe: EmoPipeline, step: int, timestep: torch.Tensor, tensors: dict) -> dict:
+        clip, step_in_clip = divmod(step, settings.steps)
+        if progress is not None:
+            progress(clip, inputs.num_clips, step_in_clip + 1, settings.steps)
+        if cancel is not None and cancel.is_set():
+            pipe.interrupt()
+        return tensors
+
+    def on_clip(pipe: EmoPipeline, clip: int, num_clips: int, frames: np.ndarray) -> None:
+        writer.write(np.stack([paste(frame) for frame in frames]) if paste is not None else frames)
+
+    writer = VideoWriter(output_path, fps=settings.fps, audio=inputs.audio_path)
+    try:
+        if cancel is None or not cancel.is_set():
+            pipe(
+                reference_image=inputs.crop.image,
+                audio=inputs.speech.mono,
+                sampling_rate=inputs.speech.sampling_rate,
+                face_mask=inputs.mask,
+                head_speed=settings.head_speed,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance_scale,
+                fps=settings.fps,
+                clip_length=CLIP_LENGTH,
+                generator=torch.Generator("cpu").manual_seed(seed),
+                output_type="none",
+                callback_on_step_end=on_step,
+                callback_on_clip_end=on_clip,
+            )
+        cancelled = cancel is not None and cancel.is_set()
+        if cancelled:
+            writer.abort()
+        else:
+            writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return GenerationResult(
+        path=output_path,
+        num_frames=writer.num_frames,
+        duration_s=writer.duration,
+        seed=seed,
+        seconds=time.perf_counter() - start,
+        cancelled=cancelled,
+    )
+
+
+def generate(
+    pipe: EmoPipeline,
+    image: str | Path | PIL.Image.Image | np.ndarray,
+    audio_path: str | Path,
+    output_path: str | Path,
+    settings: GenerationSettings | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> GenerationResult:
+    """A portrait (path, PIL image or RGB array) and an audio file -> an mp4 at `output_path`.
+
+    Args:
+        progress: called after every denoising step as `progress(clip_index, num_clips, step_in_clip, steps)`,
+            clip_index from 0, step_in_clip from 1 to steps.
+        cancel: set it (from another thread) to stop after the current denoising step; the result then has
+            cancelled=True and no file is written.
+
+    Raises:
+        InputError: no face, unreadable image or audio, audio too long, bad setting.
+    """
+    settings = settings or GenerationSettings()
+    inputs = prepare_inputs(image, audio_path, settings)
+    return render(pipe, inputs, output_path, settings, progress=progress, cancel=cancel)

@@ -1,0 +1,156 @@
+"""Which model to run, and loading it: the embedded small model, a local folder, or a Hugging Face hub id.
+
+`resolve_model` turns what a person typed (or nothing) into a local folder; `load_pipeline` loads that
+folder as an `EmoPipeline` on a device and dtype; `describe_model` says what was loaded, so that the CLI
+and the UI can tell a person what the model can and cannot do.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from pipeline import EmoPipeline
+
+# The project's embedded model: small, trained by `training/`, so that the app runs on a fresh offline machine.
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "models" / "emo-small"
+MODEL_ENV = "EMO_MODEL"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class ModelError(RuntimeError):
+    """The model cannot be found or loaded; the one-line message names it and says what to do."""
+
+
+def resolve_model(model: str | os.PathLike | None) -> str:
+    """A local folder holding the pipeline (its `model_index.json`) for `model`.
+
+    None -> `$EMO_MODEL` if set, else the embedded folder; an existing local folder -> itself; anything
+    else is taken as a hub id ("user/repo") and downloaded with `huggingface_hub.snapshot_download`
+    (custom classes must be loaded from a folder, see DESIGN.md).
+
+    Raises:
+        ModelError: missing embedded model, a folder that is not a pipeline, or a hub id that could not be
+            downloaded (e.g. offline).
+    """
+    if model is None or str(model) == "":
+        model = os.environ.get(MODEL_ENV) or EMBEDDED_MODEL_DIR
+        if Path(model) == EMBEDDED_MODEL_DIR and not EMBEDDED_MODEL_DIR.is_dir():
+            raise ModelError(
+                f"the embedded model is missing ({EMBEDDED_MODEL_DIR}): train it with the training package "
+                f"or pass a model folder or hub id (--model or ${MODEL_ENV})"
+            )
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelError(f"model folder '{path}' has no model_index.json: it is not a saved EmoPipeline")
+        return str(path)
+    if path.exists():
+        raise ModelError(f"model '{model}' is a file: pass the folder that holds model_index.json")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(str(model))
+    except Exception as error:  # offline, unknown repo, invalid id, gated repo: all mean "not available"
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ModelError(
+            f"model '{model}' is not a local folder and could not be downloaded: {reason}"
+        ) from error
+
+
+def default_device() -> str:
+    """The default device: "cuda" when a CUDA GPU is usable, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> str:
+    """fp16 on a GPU (half the memory, tensor cores), fp32 on the CPU (fp16 matmuls there are slow or missing)."""
+    return "fp32" if torch.device(device).type == "cpu" else "fp16"
+
+
+def load_pipeline(
+    model: str | os.PathLike | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    low_vram: bool = False,
+) -> EmoPipeline:
+    """Load an `EmoPipeline` from `model` (see `resolve_model`) onto `device` in `dtype`.
+
+    Args:
+        model: None (embedded / `$EMO_MODEL`), a local folder, or a hub id.
+        device: "cuda", "cuda:1", "cpu", ...; default `default_device()`.
+        dtype: "fp16", "bf16" or "fp32"; default `default_dtype(device)`.
+        low_vram: keep each component on the CPU until it runs (model CPU offload, GPU only), and compute
+            attention and VAE decoding in slices: less GPU memory, slower.
+
+    Raises:
+        ModelError: the model is not available, the device does not exist, or the dtype is unknown.
+    """
+    device = device or default_device()
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as error:
+        raise ModelError(f"unknown device '{device}': use cpu, cuda or cuda:N") from error
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device '{device}' is not available (no CUDA GPU found): use --device cpu")
+    dtype = dtype or default_dtype(device)
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
+    path = resolve_model(model)
+    try:
+        pipe = EmoPipeline.from_pretrained(path, dtype=DTYPES[dtype])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        reason = " ".join(str(error).split())
+        raise ModelError(f"could not load the model in '{path}': {reason}") from error
+    if low_vram:
+        pipe.enable_attention_slicing()
+        pipe.vae.enable_slicing()
+    if low_vram and torch_device.type != "cpu":
+        pipe.enable_model_cpu_offload(device=torch_device)
+    else:
+        pipe.to(torch_device)
+    return pipe
+
+
+def _model_name(path: Path) -> str:
+    """The hub id "user/repo" of a hub snapshot (…/models--user--repo/snapshots/<hash>), else the folder's name."""
+    for parent in (path, *path.parents):
+        if parent.name.startswith("models--"):
+            return parent.name.removeprefix("models--").replace("--", "/")
+    return path.name
+
+
+def describe_model(pipe: EmoPipeline, model_path: str | os.PathLike) -> dict:
+    """What is loaded, for people: a dict with
+
+    name (hub id or folder name), path, parameters (count over all networks), resolution (frame side,
+    pixels), device, dtype, embedded (True for the project's small embedded model) and summary (one
+    sentence on what the model can and cannot do).
+    """
+    path = Path(model_path).resolve()
+    parameters = sum(
+        p.numel() for c in pipe.components.values() if isinstance(c, torch.nn.Module) for p in c.parameters()
+    )
+    resolution = pipe.default_size
+    embedded = EMBEDDED_MODEL_DIR.is_dir() and path == EMBEDDED_MODEL_DIR.resolve()
+    size = f"{resolution}x{resolution} px, {parameters / 1e6:.0f} M parameters"
+    if embedded:
+        summary = (
+            f"The project's small embedded model ({size}): a quick demo that animates the lips and head "
+            "of a near-frontal portrait; expect blur and little expression, far from EMO's quality."
+        )
+    else:
+        summary = f"Model '{_model_name(path)}' ({size})."
+    return {
+        "name": "emo-small (embedded)" if embedded else _model_name(path),
+        "path": str(path),
+        "parameters": parameters,
+        "resolution": resolution,
+        "device": str(pipe.device),
+        "dtype": str(pipe.dtype).removeprefix("torch."),
+        "embedded": embedded,
+        "summary": summary,
+    }
