@@ -1,0 +1,231 @@
+"""The Gradio app: a portrait and a voice -> a talking video, with readable progress and a cancel button.
+
+`build_demo(pipe, model_info)` builds the page; `app.py` loads the model and launches it with `THEME` and
+`CSS` (Gradio 6 takes them in `launch()`). One generation runs at a time: the queue's concurrency limit is 1,
+and a lock makes a cancelled run (which stops after its current denoising step) finish before the next starts,
+so two users never hold the model's memory at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import gradio as gr
+import torch
+
+from .generate import GenerationResult, GenerationSettings, InputError, estimate, generate
+
+logger = logging.getLogger(__name__)
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
+EXAMPLES = [[str(EXAMPLES_DIR / "portrait.png"), str(EXAMPLES_DIR / "speech.wav")]]
+
+THEME = gr.themes.Soft(primary_hue="indigo")
+CSS = """
+#estimate, #result {min-height: 1.5em}
+"""
+
+INTRO = """\
+# EMO: Emote Portrait Alive
+A portrait and a voice become a video of that face speaking or singing
+([Tian et al., 2024](https://arxiv.org/abs/2402.17485), open-source re-implementation).
+
+**1.** Add a portrait: a photo with one clearly visible, front-facing face. **2.** Add a voice: upload an audio
+file or record one. **3.** Press **Generate**. Or click the example below the inputs first.
+"""
+
+NO_AUDIO_YET = "Add a voice to see how long the video will be."
+
+FULL_SIZE_HOWTO = """\
+**Load a full-size model:** start the app with `python app.py --model <folder or Hugging Face hub id>`, or set
+`EMO_MODEL=<folder or hub id>` (on a Space: a variable in its settings). Small GPUs: add `--low-vram`.
+"""
+
+SMALL_MODEL_NOTE = """\
+- **It can** run the whole EMO pipeline on any computer, offline, in seconds to minutes on a CPU: face crop,
+  voice features, clip-by-clip diffusion with motion frames, and an mp4 with your sound.
+- **It cannot** look like the paper's videos: it is small and briefly trained, and makes {resolution}×{resolution}
+  pixel frames; expect a blurry face whose lips follow the voice only loosely.
+"""
+
+
+def model_markdown(info: dict) -> str:
+    """The model panel: which model is loaded, what it can do, and how to load another one."""
+    text = (
+        f"**Model:** `{info['name']}` · {info['parameters'] / 1e6:,.1f} M parameters · "
+        f"{info['resolution']}×{info['resolution']} px · {info['device']}, {info['dtype']}\n\n{info['summary']}\n\n"
+    )
+    if info["embedded"]:
+        text += SMALL_MODEL_NOTE.format(resolution=info["resolution"]) + "\n"
+    return text + FULL_SIZE_HOWTO
+
+
+def estimate_markdown(plan: dict, steps: int) -> str:
+    """One line about the video the current inputs will make."""
+    return (
+        f"Video: **{plan['duration_s']:.1f} s**, {plan['num_frames']} frames in {plan['num_clips']} "
+        f"clip{'s' if plan['num_clips'] != 1 else ''} × {steps} denoising steps."
+    )
+
+
+def result_markdown(result: GenerationResult) -> str:
+    """What was made, how long it took, and the seed to make it again."""
+    return (
+        f"{result.duration_s:.1f} s, {result.num_frames} frames, made in {result.seconds:.1f} s. "
+        f"Seed **{result.seed}** (untick *Random seed* and enter it to make this video again)."
+    )
+
+
+def build_demo(
+    pipe, model_info: dict, *, run_on_device: Callable[[Callable], Callable] = lambda fn: fn
+) -> gr.Blocks:
+    """The app's page around a loaded `EmoPipeline`.
+
+    model_info: `emo_app.models.describe_model(pipe, path)`. run_on_device: a decorator for the function that
+    runs the model (on Hugging Face ZeroGPU Spaces, `spaces.GPU(duration=...)`).
+    """
+    defaults = GenerationSettings()
+    outputs = tempfile.TemporaryDirectory(prefix="emo-app-")  # one video per session; removed at exit
+    model_lock = threading.Lock()
+    cancel_flags: dict[str, threading.Event] = {}  # session -> the flag its running generation watches
+    progress_tracker = gr.Progress()
+
+    @run_on_device
+    def run_model(image, audio, output, settings, progress, cancel) -> GenerationResult:
+        with model_lock:
+            return generate(pipe, image, audio, output, settings, progress=progress, cancel=cancel)
+
+    def settings_from(
+        steps, guidance, head_speed, seed, random_seed, paste_back, max_length
+    ) -> GenerationSettings:
+        return GenerationSettings(
+            steps=int(steps),
+            guidance_scale=float(guidance),
+            head_speed=float(head_speed),
+            seed=None if random_seed else int(seed),
+            paste_back=bool(paste_back),
+            max_duration=float(max_length),
+        )
+
+    def video_path(request: gr.Request) -> Path:
+        return Path(outputs.name) / request.session_hash / "emo.mp4"
+
+    def show_estimate(audio, steps, max_length) -> str:
+        if audio is None:
+            return NO_AUDIO_YET
+        try:
+            return estimate_markdown(
+                estimate(pipe, audio, GenerationSettings(max_duration=float(max_length))), steps
+            )
+        except InputError as error:
+            return f"⚠️ {error}"
+
+    def run(
+        image, audio, steps, guidance, head_speed, seed, random_seed, paste_back, max_length,
+        request: gr.Request, progress=progress_tracker,
+    ):  # fmt: skip
+        if image is None:
+            raise gr.Error(
+                "Add a portrait first: upload a photo or take one with the webcam.", print_exception=False
+            )
+        if audio is None:
+            raise gr.Error("Add a voice first: upload an audio file or record one.", print_exception=False)
+
+        def report(clip: int, num_clips: int, step: int, num_steps: int) -> None:
+            desc = f"clip {clip + 1}/{num_clips} · step {step}/{num_steps}"
+            progress((clip * num_steps + step, num_clips * num_steps), desc=desc, unit="steps")
+
+        cancel = cancel_flags[request.session_hash] = threading.Event()
+        try:
+            settings = settings_from(steps, guidance, head_speed, seed, random_seed, paste_back, max_length)
+            plan = estimate(pipe, audio, settings)
+            progress(0, desc=f"Starting: {estimate_markdown(plan, settings.steps).replace('**', '')}")
+            result = run_model(image, audio, video_path(request), settings, report, cancel)
+        except InputError as error:
+            raise gr.Error(str(error), title="Cannot make this video", print_exception=False) from None
+        except torch.OutOfMemoryError:
+            raise gr.Error(
+                "Out of GPU memory: use a shorter audio, or restart the app with --low-vram.",
+                title="Out of memory",
+            ) from None
+        except Exception as error:
+            logger.exception("Generation failed")
+            raise gr.Error(
+                f"Generation failed ({type(error).__name__}: {error}). The app still runs: try again, or report "
+                "this with the server log.",
+                title="Something went wrong",
+            ) from None
+        finally:
+            if cancel_flags.get(request.session_hash) is cancel:
+                del cancel_flags[request.session_hash]
+        if result.cancelled:
+            return gr.skip(), "Cancelled."
+        return str(result.path), result_markdown(result)
+
+    def stop(request: gr.Request):
+        if flag := cancel_flags.get(request.session_hash):
+            flag.set()
+            return "Stopped."
+        return gr.skip()
+
+    def forget_session(request: gr.Request) -> None:
+        if flag := cancel_flags.get(request.session_hash):
+            flag.set()
+        shutil.rmtree(video_path(request).parent, ignore_errors=True)
+
+    with gr.Blocks(title="EMO: Emote Portrait Alive", delete_cache=(1800, 3600)) as demo:
+        gr.Markdown(INTRO)
+        gr.Markdown(model_markdown(model_info), elem_id="model", container=True)
+        with gr.Row(equal_height=False):
+            with gr.Column():
+                image = gr.Image(
+                    label="Portrait", type="pil", sources=["upload", "webcam", "clipboard"], height=320
+                )
+                audio = gr.Audio(
+                    label="Voice (speech or song)", type="filepath", sources=["upload", "microphone"]
+                )
+                estimate_text = gr.Markdown(NO_AUDIO_YET, elem_id="estimate")
+                with gr.Row():
+                    generate_button = gr.Button("Generate", variant="primary", scale=3)
+                    cancel_button = gr.Button("Cancel", variant="stop", scale=1)
+                gr.Examples(
+                    EXAMPLES, inputs=[image, audio], label="Example: click to use it", cache_examples=False
+                )
+                with gr.Accordion("Advanced", open=False):
+                    steps = gr.Slider(1, 100, value=defaults.steps, step=1, label="Denoising steps per clip",
+                                      info="EMO uses 40; fewer than 20 give artifacts.")  # fmt: skip
+                    guidance = gr.Slider(1, 10, value=defaults.guidance_scale, step=0.5, label="Audio guidance",
+                                         info="How strongly the face follows the voice (1 = off).")  # fmt: skip
+                    head_speed = gr.Slider(0, 2, value=defaults.head_speed, step=0.05, label="Head speed",
+                                           info="Degrees per frame: 0.1-1 for speech, 1-1.3 for singing.")  # fmt: skip
+                    with gr.Row():
+                        seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
+                        random_seed = gr.Checkbox(value=defaults.seed is None, label="Random seed")
+                    paste_back = gr.Checkbox(
+                        value=defaults.paste_back, label="Paste the face back into the whole photo"
+                    )
+                    max_length = gr.Slider(1, 300, value=defaults.max_duration, step=1, label="Max length (s)",
+                                           info="Longer audio is refused.")  # fmt: skip
+            with gr.Column():
+                video = gr.Video(label="Video", format=None, height=420, buttons=["download"])
+                result = gr.Markdown(label="Summary", elem_id="result")
+
+        for trigger in (audio.change, steps.release, max_length.release):
+            trigger(show_estimate, [audio, steps, max_length], estimate_text, queue=False, show_progress="hidden",
+                    api_visibility="private")  # fmt: skip
+        generation = generate_button.click(
+            run,
+            [image, audio, steps, guidance, head_speed, seed, random_seed, paste_back, max_length],
+            [video, result],
+            api_name="generate",
+            concurrency_limit=1,
+        )
+        cancel_button.click(stop, None, result, cancels=[generation], queue=False, api_name="cancel")
+        demo.unload(forget_session)
+    demo.queue(default_concurrency_limit=1, max_size=32)
+    return demo
