@@ -19,7 +19,6 @@ from emo_app.video import probe_video
 from pipeline import build_pipeline
 from pipeline.audio import load_audio, write_wav
 from pipeline.face import detect_faces
-from tests.conftest import speech_like
 
 PORTRAIT, SPEECH = (Path(path) for path in EXAMPLES[0])
 FAST = dict(steps=2, guidance=3.5, head_speed=1.0, seed=7, random_seed=False, paste_back=False, max_length=60)
@@ -48,8 +47,10 @@ def app_url(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def short_speech(tmp_path_factory) -> Path:
-    """0.5 s of speech-like sound: 13 frames at 25 fps, two clips."""
-    return write_wav(tmp_path_factory.mktemp("audio") / "half_second.wav", speech_like(0.5), 16_000)
+    """The first 0.5 s of the example sentence: 13 frames at 25 fps, two clips."""
+    speech = load_audio(SPEECH)
+    half_second = speech.samples[:, : speech.sampling_rate // 2]
+    return write_wav(tmp_path_factory.mktemp("audio") / "half_second.wav", half_second, speech.sampling_rate)
 
 
 def generate(client: Client, image: Path, audio: Path, **settings):
