@@ -120,17 +120,26 @@ def build_pipeline(config: str | dict = "tiny", pipeline_cls=None):
     denoising_unet = EmoUNet3DModel(**unet_cfg, **cfg["backbone"])
     cfg = _derived_configs(cfg, 2 ** (len(vae.config.block_out_channels) - 1),
                            denoising_unet.config.block_out_channels[0], audio_cfg)  # fmt: skip
-    return pipeline_cls(
+    pipe = pipeline_cls(
         vae=vae,
         reference_net=reference_net,
         denoising_unet=denoising_unet,
         face_locator=FaceLocator(**cfg["face_locator"]),
-        audio_encoder=Wav2Vec2Model(audio_cfg).eval(),
+        audio_encoder=Wav2Vec2Model(audio_cfg),
         feature_extractor=Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=False),
         audio_projection=AudioProjection(**cfg["audio_projection"]),
         speed_encoder=SpeedEncoder(**cfg["speed_encoder"]),
         scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
     )
+    return _eval(pipe)
+
+
+def _eval(pipe):
+    """Inference mode for every network, as `from_pretrained` leaves them (training turns on what it trains)."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
 
 
 # ---------------------------------------------------------------------------------------------- base weights
@@ -299,7 +308,7 @@ def from_base_models(
     del sd_unet
 
     audio_path = _resolve(audio_encoder)
-    encoder = Wav2Vec2Model.from_pretrained(audio_path).eval()
+    encoder = Wav2Vec2Model.from_pretrained(audio_path)
     try:
         feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained(audio_path)
     except OSError:
@@ -332,6 +341,7 @@ def from_base_models(
         speed_encoder=SpeedEncoder(**cfg["speed_encoder"]),
         scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
     )
+    _eval(pipe)
     if dtype is not None:
         pipe.to(dtype=dtype)
     logger.info("EMO from base models:\n%s", report.summary())

@@ -382,7 +382,8 @@ class EmoPipeline(DiffusionPipeline):
                     noise_pred = combine_guidance(preds, guidance_scale, reference_guidance_scale)
                     latents = self.scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
                     if callback_on_step_end is not None:
-                        kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                        tensors = {"latents": latents}
+                        kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
                         latents = callback_on_step_end(self, clip * num_inference_steps + i, t, kwargs).pop(
                             "latents", latents
                         )
