@@ -58,10 +58,10 @@ def model_markdown(info: dict) -> str:
     """The model panel: which model is loaded, what it can do, and how to load another one."""
     text = (
         f"**Model:** `{info['name']}` · {info['parameters'] / 1e6:,.1f} M parameters · "
-        f"{info['resolution']}×{info['resolution']} px · {info['device']}, {info['dtype']}\n\n{info['summary']}\n\n"
+        f"{info['resolution']}×{info['resolution']} px · {info['device']}, {info['dtype']}\n\n"
     )
-    if info["embedded"]:
-        text += SMALL_MODEL_NOTE.format(resolution=info["resolution"]) + "\n"
+    if info["embedded"]:  # the summary of another model repeats the line above
+        text += info["summary"] + "\n\n" + SMALL_MODEL_NOTE.format(resolution=info["resolution"]) + "\n"
     return text + FULL_SIZE_HOWTO
 
 
@@ -215,14 +215,15 @@ def build_demo(
                 video = gr.Video(label="Video", format=None, height=420, buttons=["download"])
                 result = gr.Markdown(label="Summary", elem_id="result")
 
-        for trigger in (audio.change, steps.release, max_length.release):
-            trigger(show_estimate, [audio, steps, max_length], estimate_text, queue=False, show_progress="hidden",
-                    api_visibility="private")  # fmt: skip
+        gr.on([audio.change, steps.change, max_length.change], show_estimate, [audio, steps, max_length],
+              estimate_text, queue=False, show_progress="hidden", trigger_mode="always_last",
+              api_visibility="private")  # fmt: skip
         generation = generate_button.click(
             run,
             [image, audio, steps, guidance, head_speed, seed, random_seed, paste_back, max_length],
             [video, result],
             api_name="generate",
+            show_progress_on=video,
             concurrency_limit=1,
         )
         cancel_button.click(stop, None, result, cancels=[generation], queue=False, api_name="cancel")
