@@ -238,8 +238,8 @@ def render(
     """Generate the video of prepared inputs into `output_path` (see `generate`)."""
     start = time.perf_counter()
     output_path = Path(output_path)
-    if output_path.is_dir():
-        raise InputError(f"The output '{output_path}' is a folder: give a file name ending in .mp4.")
+    if output_path.is_dir() or output_path.suffix.lower() != ".mp4":
+        raise InputError(f"The output '{output_path}' is not an .mp4 file name: give one like 'talking.mp4'.")
     seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**31)
     paste = PasteBack(inputs.crop, inputs.original) if settings.paste_back else None
 

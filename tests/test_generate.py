@@ -131,6 +131,14 @@ def test_photo_without_face_raises_input_error_and_writes_nothing(pipe, files, t
     assert list(tmp_path.iterdir()) == []
 
 
+def test_output_that_is_not_an_mp4_file_name_raises_input_error(pipe, files, tmp_path):
+    portrait, speech, _ = files
+    for output in (tmp_path, tmp_path / "video.avi"):
+        with pytest.raises(InputError, match=r"is not an \.mp4 file name: give one like 'talking.mp4'"):
+            generate(pipe, portrait, speech, output, GenerationSettings(steps=1))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("steps", 0), ("fps", 0), ("head_speed", -1.0), ("max_duration", 0), ("mask_expand", 0.5)],
