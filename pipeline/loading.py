@@ -320,6 +320,7 @@ def from_base_models(
     denoising_unet = EmoUNet3DModel(**unet_cfg, **backbone_cfg)
     load_2d_weights(reference_net, source, "reference_net", report)
     load_2d_weights(denoising_unet, source, "denoising_unet", report)
+    del source
     if motion_module is not None:
         load_motion_module(denoising_unet, motion_module, report)
 
