@@ -1,0 +1,549 @@
+"""One trainer for EMO's three stages; the stage, what trains and the optimisation come from a config file.
+
+    python -m training.train --config training/configs/stage1.yaml [--resume latest] [--max-steps N]
+        [--output-dir DIR] [--set train.batch_size=8 ...]
+    accelerate launch --config_file training/configs/accelerate_multi_gpu.yaml -m training.train --config ...
+
+A step (v-prediction on DDPM noise of the pipeline's zero-terminal-SNR schedule):
+1. frames -> VAE latents (posterior mode, frozen VAE); reference image and the n motion frames -> ReferenceNet
+   in one pass -> reference tokens (backbone reference-attention) and motion features (temporal modules);
+2. condition dropout: per sample, reference tokens / audio tokens / motion features are replaced by zeros,
+   the null conditions the pipeline uses (first clip, classifier-free guidance); probabilities in the config;
+3. audio features (with m frames of context each side) -> audio projection -> the f frames' tokens;
+   stage 3 also head speeds -> speed encoder; face mask -> face locator;
+4. backbone on the noisy latents of the f target frames -> MSE to the velocity target.
+
+All networks that the step runs are members of ONE `nn.Module` (`EmoTrainingModel`, as DeepSpeed needs);
+frozen ones keep `requires_grad=False`. Checkpoints (`accelerator.save_state` + the trainer's own state:
+step, epoch, batch position, noise RNG) are written under a temporary name and renamed, so a crash while
+writing leaves the previous one intact; `--resume latest` continues with the same data order, noise,
+optimiser and scheduler state, so a killed-and-resumed run ends with the weights of an uninterrupted one.
+The stage ends by exporting an EmoPipeline folder to `output_dir/pipeline` (the next stage's `init.pipeline`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from pipeline import EmoPipeline, build_pipeline, load_motion_module
+
+from .config import Config, load_config, parameter_matcher
+from .data import EmoDataset, EpochSampler, read_clips
+
+logger = logging.getLogger("training.train")
+
+COMPONENTS = ("reference_net", "denoising_unet", "face_locator", "audio_projection", "speed_encoder")
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+# ------------------------------------------------------------------------------------------------ model
+class EmoTrainingModel(nn.Module):
+    """The networks of a training step, as one module: (latents, conditions) -> the backbone's prediction."""
+
+    def __init__(self, pipe: EmoPipeline):
+        super().__init__()
+        for name in COMPONENTS:
+            setattr(self, name, getattr(pipe, name))
+
+    def forward(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        reference_latents: torch.Tensor,
+        motion_latents: torch.Tensor | None,
+        face_mask: torch.Tensor,
+        audio_features: torch.Tensor | None,
+        speeds: torch.Tensor | None,
+        keep: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """noisy: (b, 4, f, h, w); reference_latents (b, 4, h, w); motion_latents (b, n, 4, h, w) or None;
+        face_mask (b, 1, H, W); audio_features (b, f + 2m, layers, dim) or None; speeds (b, f + 2m) deg/frame
+        or None; keep: per-sample 1/0 (b,) for "reference", "audio", "motion" -> prediction (b, 4, f, h, w)."""
+        b = noisy.shape[0]
+        # 1. ReferenceNet once for the reference and the motion frames
+        inputs = reference_latents if motion_latents is None else torch.cat([reference_latents, motion_latents.flatten(0, 1)])
+        out = self.reference_net(inputs)
+        reference_tokens = {k: v[:b] * _expand(keep["reference"], v) for k, v in out.reference_tokens.items()}
+        motion_features = None
+        if motion_latents is not None:
+            n = motion_latents.shape[1]
+            motion_features = {
+                k: v[b:].unflatten(0, (b, n)) * _expand(keep["motion"], v[b:].unflatten(0, (b, n)))
+                for k, v in out.motion_features.items()
+            }
+        # 2. Audio tokens of the f frames (the projection's m-frame windows see the context frames)
+        audio_tokens = None
+        if audio_features is not None:
+            m = self.audio_projection.config.window
+            tokens = self.audio_projection(audio_features)
+            audio_tokens = tokens[:, m : tokens.shape[1] - m] * _expand(keep["audio"], tokens)
+        speed_tokens = None
+        if speeds is not None:
+            m = self.speed_encoder.config.window
+            speed_tokens = self.speed_encoder(speeds)
+            speed_tokens = speed_tokens[:, m : speed_tokens.shape[1] - m]
+        # 3. Backbone
+        return self.denoising_unet(
+            noisy,
+            timesteps,
+            reference_tokens=reference_tokens,
+            motion_features=motion_features,
+            audio_tokens=audio_tokens,
+            speed_tokens=speed_tokens,
+            face_features=self.face_locator(face_mask),
+        ).sample
+
+
+def _expand(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(b,) -> (b, 1, ...) broadcastable to `like`, in its dtype."""
+    return keep.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class TrainState:
+    """What the trainer adds to `accelerator.save_state`: progress, data position and the noise RNG."""
+
+    def __init__(self, seed: int):
+        self.step = 0
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
+                "generator": self.generator.get_state()}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
+        self.generator.set_state(state["generator"])
+
+
+# ------------------------------------------------------------------------------------------------ setup
+def load_initial_pipeline(config: Config) -> EmoPipeline:
+    """The pipeline the stage starts from: a folder (previous stage), base models (SD 1.5...), or a size config."""
+    init = config.init
+    if init.pipeline is not None:
+        pipe = EmoPipeline.from_pretrained(init.pipeline)
+    elif init.base_models is not None:
+        pipe = EmoPipeline.from_base_models(**init.base_models)
+    else:
+        pipe = build_pipeline(init.model)
+    if init.motion_module is not None:
+        report = load_motion_module(pipe.denoising_unet, init.motion_module)
+        logger.info("motion module: %d tensors loaded", len(report.loaded.get("denoising_unet", [])))
+    return pipe
+
+
+def select_trainable(model: EmoTrainingModel, entries: list[str]) -> list[nn.Parameter]:
+    """Set requires_grad by the config's patterns; return the trainable parameters (in a fixed order)."""
+    matches = parameter_matcher(entries)
+    params = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(matches(name))
+        if param.requires_grad:
+            params.append(param)
+    if not params:
+        raise ValueError(f"train.trainable {entries} matches no parameter")
+    for module in model.modules():
+        if isinstance(module, nn.GroupNorm) and module.weight is not None and module.weight.requires_grad:
+            module.register_forward_pre_hook(_contiguous_input)
+    return params
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    """Work around a PyTorch 2.13 CPU crash: GroupNorm's backward segfaults on a channels-last input that
+    needs no gradient while the norm's weights do (a trainable motion module after frozen layers, stage 3)."""
+    return (args[0].contiguous(), *args[1:])
+
+
+def compute_audio_features(pipe: EmoPipeline, data_root: str, out_dir: Path, fps: float) -> None:
+    """wav2vec2 features of every prepared video with the pipeline's own encoder -> out_dir/<video>.npy."""
+    from pipeline.audio import load_audio
+
+    from .prepare import audio_frame_features
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for video in sorted({c.video for c in read_clips(data_root)}):
+        target = out_dir / f"{video}.npy"
+        if target.is_file():
+            continue
+        folder = Path(data_root) / "videos" / video
+        meta = json.loads((folder / "meta.json").read_text())
+        waveform = load_audio(folder / meta["audio"]["file"], sampling_rate=16_000, mono=True).mono
+        features = audio_frame_features(waveform, meta["num_frames"], fps, pipe.audio_encoder, pipe.feature_extractor)
+        np.save(out_dir / f".{video}.tmp.npy", features)
+        os.replace(out_dir / f".{video}.tmp.npy", target)
+
+
+def make_dataset(config: Config, pipe: EmoPipeline, audio_features_dir: Path | None) -> EmoDataset:
+    data = config.data
+    return EmoDataset(
+        data.root,
+        data.resolution,
+        num_frames=data.num_frames,
+        num_motion_frames=data.num_motion_frames,
+        with_audio=config.stage > 1,
+        audio_layers=pipe.audio_projection.config.num_layers,
+        audio_margin=pipe.audio_projection.config.window,
+        speed_margin=pipe.speed_encoder.config.window,
+        mask_expand=data.mask_expand,
+        samples_per_clip=data.samples_per_clip,
+        audio_features_dir=audio_features_dir,
+        seed=config.train.seed,
+    )
+
+
+def make_optimizer(config: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    t = config.train
+    kwargs = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay,
+                  eps=t.adam_epsilon)  # fmt: skip
+    if t.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ one step
+def training_loss(
+    model: nn.Module,
+    pipe: EmoPipeline,
+    noise_scheduler,
+    batch: dict[str, torch.Tensor],
+    config: Config,
+    generator: torch.Generator,
+    accelerator,
+) -> torch.Tensor:
+    """The v-prediction MSE of one batch; noise, timesteps and condition dropout drawn from `generator`."""
+    n = config.data.num_motion_frames
+    pixels = batch["pixel_values"]  # (b, n + f, 3, H, W)
+    b = pixels.shape[0]
+    with torch.no_grad(), accelerator.autocast():
+        latents = pipe.encode_image(torch.cat([pixels.flatten(0, 1), batch["reference"]])).float()
+    reference_latents = latents[-b:]
+    latents = latents[:-b].unflatten(0, (b, n + config.data.num_frames))  # (b, n + f, 4, h, w)
+    motion_latents = latents[:, :n] if config.stage > 1 else None
+    target_latents = latents[:, n:].permute(0, 2, 1, 3, 4)  # (b, 4, f, h, w)
+
+    # one random stream for the global batch (identical on every process), each process takes its rows
+    world, rows = accelerator.num_processes, slice(accelerator.process_index * b, (accelerator.process_index + 1) * b)
+    device = target_latents.device
+    noise = torch.randn((world * b, *target_latents.shape[1:]), generator=generator)[rows].to(device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (world * b,), generator=generator)
+    timesteps = timesteps[rows].to(device)
+    noisy = noise_scheduler.add_noise(target_latents, noise, timesteps)
+    target = noise_scheduler.get_velocity(target_latents, noise, timesteps)
+    drop = config.train.condition_dropout
+    keep = {name: (torch.rand(world * b, generator=generator)[rows] >= p).float().to(device)
+            for name, p in (("reference", drop.reference), ("audio", drop.audio), ("motion", drop.motion))}  # fmt: skip
+
+    pred = model(
+        noisy,
+        timesteps,
+        reference_latents,
+        motion_latents,
+        batch["face_mask"],
+        batch.get("audio_features") if config.stage > 1 else None,
+        batch.get("speeds") if config.stage == 3 else None,
+        keep,
+    )
+    return F.mse_loss(pred.float(), target.float())
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (temporary folders of interrupted writes are ignored)."""
+    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
+    """`latest` -> the newest checkpoint of output_dir (None if there is none); a path -> that path."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path:
+    """save_state into `.checkpoint-N.tmp`, rename it to `checkpoint-N`, delete all but the newest `keep`."""
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def write_video(path: Path, frames: np.ndarray, fps: float, audio: np.ndarray, sampling_rate: int) -> Path:
+    """(f, H, W, 3) float frames in [0, 1] + mono audio -> an H.264/AAC mp4 (imageio-ffmpeg)."""
+    import tempfile
+
+    import imageio_ffmpeg
+
+    from pipeline.audio import write_wav
+
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = write_wav(Path(tmp) / "audio.wav", audio, sampling_rate)
+        height, width = frames.shape[1:3]
+        writer = imageio_ffmpeg.write_frames(str(path), (width, height), fps=fps, macro_block_size=8,
+                                             audio_path=str(wav), audio_codec="aac")  # fmt: skip
+        writer.send(None)
+        for frame in (np.clip(frames, 0, 1) * 255).round().astype(np.uint8):
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
+    return path
+
+
+@torch.no_grad()
+def run_validation(pipe: EmoPipeline, config: Config, step: int, accelerator) -> Path:
+    """Generate the validation video (fixed portrait, audio, seed) -> output_dir/validation/step-N.mp4."""
+    from PIL import Image
+
+    from pipeline.audio import load_audio
+
+    v = config.validation
+    audio = load_audio(v.audio, sampling_rate=16_000, mono=True).mono[: int(v.max_seconds * 16_000)]
+    resolution = config.data.resolution
+    image = Image.open(v.image).convert("RGB").resize((resolution, resolution), Image.BICUBIC)
+    pipe.set_progress_bar_config(disable=True)
+    clip_length = max(config.data.num_frames, 1) if config.stage > 1 else 12
+    output = pipe(
+        image, audio, sampling_rate=16_000, head_speed=v.head_speed, num_inference_steps=v.num_inference_steps,
+        guidance_scale=v.guidance_scale, height=resolution, width=resolution, clip_length=clip_length,
+        num_motion_frames=min(config.data.num_motion_frames or 4, clip_length),
+        generator=torch.Generator().manual_seed(v.seed), output_type="np",
+    )  # fmt: skip
+    folder = Path(config.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = write_video(folder / f"step-{step:07d}.mp4", output.frames, output.fps, output.audio, output.sampling_rate)
+    tracker = accelerator.get_tracker("tensorboard", unwrap=True) if accelerator.trackers else None
+    if tracker is not None:
+        shown = output.frames[:: max(1, len(output.frames) // 8)][:8]
+        tracker.add_images("validation", np.ascontiguousarray(shown), step, dataformats="NHWC")
+    return path
+
+
+def export_pipeline(pipe: EmoPipeline, config: Config) -> Path:
+    """Save the trained pipeline to output_dir/pipeline (written aside, then renamed) with the config."""
+    out = Path(config.output_dir)
+    final, tmp = out / "pipeline", out / ".pipeline.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    (tmp / "training_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+# ------------------------------------------------------------------------------------------------ loop
+def train(config: Config, resume: str | None = None) -> dict:
+    """Run (or continue) a stage -> {"step", "loss" (last logged), "export" (folder or None)}."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    t = config.train
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    set_seed(t.seed)  # model initialisation (random weights, new layers)
+
+    # 1. Model: init, trainable selection, gradient checkpointing
+    pipe = load_initial_pipeline(config)
+    pipe.vae.requires_grad_(False)
+    pipe.audio_encoder.requires_grad_(False)
+    pipe.to(accelerator.device)
+    model = EmoTrainingModel(pipe)
+    params = select_trainable(model, t.trainable)
+    if t.gradient_checkpointing:
+        pipe.reference_net.enable_gradient_checkpointing()
+        pipe.denoising_unet.enable_gradient_checkpointing()
+    logger.info("stage %d: %.2fM of %.2fM parameters train", config.stage, sum(p.numel() for p in params) / 1e6,
+                sum(p.numel() for p in model.parameters()) / 1e6)  # fmt: skip
+
+    # 2. Data (audio features computed once with this model's encoder if asked)
+    audio_dir = None
+    if config.stage > 1 and config.data.audio_features == "compute":
+        audio_dir = output_dir / "audio_features"
+        if accelerator.is_main_process:
+            fps = json.loads((Path(config.data.root) / "manifest.json").read_text())["options"]["fps"]
+            compute_audio_features(pipe, config.data.root, audio_dir, fps)
+        accelerator.wait_for_everyone()
+    dataset = make_dataset(config, pipe, audio_dir)
+    sampler = EpochSampler(len(dataset), t.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=t.batch_size, sampler=sampler, num_workers=config.data.num_workers, drop_last=True,
+        generator=torch.Generator().manual_seed(t.seed),
+    )  # fmt: skip
+    if len(loader) == 0:
+        raise ValueError(f"{len(dataset)} samples is less than one batch of {t.batch_size}")
+
+    # 3. Optimiser, schedule, EMA, state; accelerate wraps them
+    optimizer = make_optimizer(config, params)
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
+                                 num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes)  # fmt: skip
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    state = TrainState(t.seed)
+    accelerator.register_for_checkpointing(state)
+    ema = EMAModel(params, decay=t.ema_decay) if t.ema else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    checkpoint = resolve_resume(output_dir, resume)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        logger.info("resumed from %s at step %d", checkpoint, state.step)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    accelerator.init_trackers(f"emo_stage{config.stage}", config=_flat(config.to_dict()))
+
+    # 4. Loop
+    progress = tqdm(total=t.max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
+                    desc=f"stage {config.stage}", unit="step")  # fmt: skip
+    last_loss = math.nan
+    losses: list[float] = []
+    tick, samples = time.perf_counter(), 0
+    model.train()
+    while state.step < t.max_steps:
+        sampler.start_epoch(state.epoch)
+        epoch_loader = loader
+        if state.batches_in_epoch:
+            from accelerate import skip_first_batches
+
+            epoch_loader = skip_first_batches(loader, state.batches_in_epoch)
+        for batch in epoch_loader:
+            with accelerator.accumulate(model):
+                loss = training_loss(model, pipe, noise_scheduler, batch, config, state.generator, accelerator)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batches_in_epoch += 1
+            losses.append(loss.detach().item())
+            samples += batch["pixel_values"].shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            if ema is not None:
+                ema.step(params)
+            last_loss = float(np.mean(losses))
+            losses.clear()
+            progress.update(1)
+            progress.set_postfix(loss=f"{last_loss:.4f}")
+            if state.step % config.log_every == 0 or state.step == t.max_steps:
+                elapsed = time.perf_counter() - tick
+                accelerator.log({"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0],
+                                 "samples_per_second": samples / max(elapsed, 1e-9)}, step=state.step)  # fmt: skip
+                tick, samples = time.perf_counter(), 0
+            if state.step % config.checkpointing.every == 0 or state.step == t.max_steps:
+                save_checkpoint(accelerator, output_dir, state.step, config.checkpointing.keep)
+            if config.validation.every and state.step % config.validation.every == 0 and accelerator.is_main_process:
+                with _ema_weights(ema, params):
+                    run_validation(pipe, config, state.step, accelerator)
+            if state.step >= t.max_steps:
+                break
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    progress.close()
+
+    # 5. Export the pipeline (EMA weights if used)
+    accelerator.wait_for_everyone()
+    export = None
+    if accelerator.is_main_process:
+        with _ema_weights(ema, params):
+            export = export_pipeline(pipe, config)
+        logger.info("exported %s", export)
+    accelerator.end_training()
+    return {"step": state.step, "loss": last_loss, "export": export}
+
+
+class _ema_weights:
+    """Context: the EMA weights in the trainable parameters (no-op without EMA), the training ones after."""
+
+    def __init__(self, ema, params: list[nn.Parameter]):
+        self.ema, self.params = ema, params
+
+    def __enter__(self) -> None:
+        if self.ema is not None:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+
+    def __exit__(self, *exc) -> None:
+        if self.ema is not None:
+            self.ema.restore(self.params)
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    """Nested config -> flat {"a.b": scalar} for TensorBoard's hparams (lists and None as strings)."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m training.train", description="Train one EMO stage.")
+    parser.add_argument("--config", required=True, help="stage YAML (training/configs/stage{1,2,3}.yaml)")
+    parser.add_argument("--resume", default=None, help="'latest' (newest checkpoint in output_dir) or a folder")
+    parser.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+    parser.add_argument("--output-dir", default=None, help="override output_dir")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set train.batch_size=8 (value read as YAML)")  # fmt: skip
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = list(args.set)
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    if args.output_dir is not None:
+        overrides.append(f"output_dir={args.output_dir}")
+    result = train(load_config(args.config, overrides), resume=args.resume)
+    logger.info("stage done at step %d, loss %.4f, pipeline: %s", result["step"], result["loss"], result["export"])
+
+
+if __name__ == "__main__":
+    main()
