@@ -86,7 +86,7 @@ def build_demo(
 ) -> gr.Blocks:
     """The app's page around a loaded `EmoPipeline`.
 
-    model_info: `emo_app.models.describe_model(pipe, path)`. run_on_device: a decorator for the function that
+    model_info: `emo_app.models.describe_model(pipe, path)`. run_on_device: a decorator for the event handler that
     runs the model (on Hugging Face ZeroGPU Spaces, `spaces.GPU(duration=...)`).
     """
     defaults = GenerationSettings()
@@ -94,11 +94,6 @@ def build_demo(
     model_lock = threading.Lock()
     cancel_flags: dict[str, threading.Event] = {}  # session -> the flag its running generation watches
     progress_tracker = gr.Progress()
-
-    @run_on_device
-    def run_model(image, audio, output, settings, progress, cancel) -> GenerationResult:
-        with model_lock:
-            return generate(pipe, image, audio, output, settings, progress=progress, cancel=cancel)
 
     def settings_from(
         steps, guidance, head_speed, seed, random_seed, paste_back, max_length
@@ -125,6 +120,7 @@ def build_demo(
         except InputError as error:
             return f"⚠️ {error}"
 
+    @run_on_device
     def run(
         image, audio, steps, guidance, head_speed, seed, random_seed, paste_back, max_length,
         request: gr.Request, progress=progress_tracker,
@@ -145,20 +141,21 @@ def build_demo(
             settings = settings_from(steps, guidance, head_speed, seed, random_seed, paste_back, max_length)
             plan = estimate(pipe, audio, settings)
             progress(0, desc=f"Starting: {estimate_markdown(plan, settings.steps).replace('**', '')}")
-            result = run_model(image, audio, video_path(request), settings, report, cancel)
+            with model_lock:
+                result = generate(
+                    pipe, image, audio, video_path(request), settings, progress=report, cancel=cancel
+                )
         except InputError as error:
-            raise gr.Error(str(error), title="Cannot make this video", print_exception=False) from None
+            raise gr.Error(str(error), print_exception=False) from None
         except torch.OutOfMemoryError:
             raise gr.Error(
-                "Out of GPU memory: use a shorter audio, or restart the app with --low-vram.",
-                title="Out of memory",
+                "Out of GPU memory: use a shorter audio, or restart the app with --low-vram."
             ) from None
         except Exception as error:
             logger.exception("Generation failed")
             raise gr.Error(
                 f"Generation failed ({type(error).__name__}: {error}). The app still runs: try again, or report "
-                "this with the server log.",
-                title="Something went wrong",
+                "this with the server log."
             ) from None
         finally:
             if cancel_flags.get(request.session_hash) is cancel:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 import time
 from pathlib import Path
@@ -30,6 +31,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+DEVICE_CALLS = []  # one entry per generation request that went through the `run_on_device` decorator
+
+
+def count_calls(fn):
+    """A wrapping decorator like `spaces.GPU`: the app must keep working through it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        DEVICE_CALLS.append(fn.__name__)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     """The app with a tiny model (32x32 frames), served in this process on a free loopback port."""
@@ -38,7 +53,7 @@ def app_url(tmp_path_factory):
     build_pipeline("tiny").save_pretrained(model_dir)
     pipe = load_pipeline(model_dir, device="cpu")
     pipe.set_progress_bar_config(disable=True)
-    demo = build_demo(pipe, describe_model(pipe, model_dir))
+    demo = build_demo(pipe, describe_model(pipe, model_dir), run_on_device=count_calls)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
@@ -60,7 +75,9 @@ def generate(client: Client, image: Path, audio: Path, **settings):
 
 
 def test_generation_returns_mp4_with_h264_video_and_aac_audio(app_url, short_speech):
+    calls = len(DEVICE_CALLS)
     video, summary = generate(Client(app_url, verbose=False), PORTRAIT, short_speech)
+    assert len(DEVICE_CALLS) == calls + 1  # through the run_on_device decorator
     info = probe_video(video)
     assert (info.width, info.height, info.num_frames, info.fps) == (32, 32, 13, 25)
     assert (info.video_codec, info.pix_fmt, info.audio_codec) == ("h264", "yuv420p", "aac")
