@@ -317,6 +317,8 @@ def prepare(videos: Path, out: Path, options: PrepareOptions, workers: int = 1) 
     if not found:
         raise FileNotFoundError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) under {videos}")
     (out / "videos").mkdir(parents=True, exist_ok=True)
+    for stale in (out / "videos").glob(".*.partial"):  # left by an interrupted run
+        shutil.rmtree(stale)
     jobs = [(path, name, out, options) for name, path in found.items()]
     skipped: dict[str, str] = {}
     if workers <= 1:

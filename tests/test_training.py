@@ -1,0 +1,250 @@
+"""Training on tiny configs and a tiny dataset made here: synthetic talking videos -> training.prepare -> the
+three stages -> an EmoPipeline folder that loads and generates. All on the CPU, one thread."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from pipeline import EmoPipeline, build_pipeline
+from training import synthetic
+from training.config import load_config, parameter_matcher
+from training.data import EmoDataset
+from training.prepare import PrepareOptions, prepare
+from training.train import (
+    EmoTrainingModel,
+    list_checkpoints,
+    load_initial_pipeline,
+    main,
+    resolve_resume,
+    select_trainable,
+    train,
+    training_loss,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+FPS, SECONDS, CLIP = 25, 1.6, 20  # 40 frames per video -> 2 clips of 20 frames
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two CPU threads that other processes also want are slower than one (OpenMP spin-waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("training")
+    videos = root / "videos"
+    videos.mkdir()
+    synthetic.write_talking_video(videos / "alice.mp4", seconds=SECONDS, fps=FPS, seed=0)
+    synthetic.write_talking_video(videos / "bob.mp4", seconds=SECONDS, fps=FPS, seed=1)
+    synthetic.write_talking_video(videos / "mime.mp4", seconds=SECONDS, fps=FPS, with_audio=False, seed=2)
+    (videos / "broken.mp4").write_bytes(b"this is not a video" * 64)
+    tiny = root / "tiny"
+    build_pipeline("tiny").save_pretrained(tiny)  # its wav2vec2 caches the audio features
+    data = root / "data"
+    options = PrepareOptions(fps=FPS, size=32, clip_length=CLIP, min_clip_length=8, wav2vec=str(tiny))
+    manifest = prepare(videos, data, options, workers=1)
+    synthetic.portrait(32).save(root / "portrait.png")
+    from pipeline.audio import write_wav
+
+    write_wav(root / "speech.wav", synthetic.speech_like_audio(0.5, seed=3), 16_000)
+    return {"root": root, "videos": videos, "data": data, "tiny": tiny, "manifest": manifest}
+
+
+def stage_config(workspace, stage: int, out: str, *overrides: str):
+    base = [f"data.root={workspace['data']}", f"output_dir={workspace['root'] / out}"]
+    if stage > 1:
+        base.append(f"init.pipeline={workspace['root'] / f'stage{stage - 1}' / 'pipeline'}")
+    return load_config(CONFIGS / f"tiny_stage{stage}.yaml", [*base, *overrides])
+
+
+def component_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All trainable-component tensors of an exported pipeline, named "<component>.<param>"."""
+    weights = {}
+    for name in ("reference_net", "denoising_unet", "face_locator", "audio_projection", "speed_encoder"):
+        for key, value in load_file(next((folder / name).glob("*.safetensors"))).items():
+            weights[f"{name}.{key}"] = value
+    return weights
+
+
+def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+# ------------------------------------------------------------------------------------------------ prepare
+def test_prepare_writes_clips_and_logs_skip_reasons(workspace):
+    manifest = workspace["manifest"]
+    assert [v["name"] for v in manifest["videos"]] == ["alice", "bob"]
+    assert manifest["num_clips"] == 4
+    assert all(c["num_frames"] == CLIP for v in manifest["videos"] for c in v["clips"])
+    skipped = {Path(k).name: v for k, v in manifest["skipped"].items()}
+    assert set(skipped) == {"mime.mp4", "broken.mp4"}
+    assert skipped["mime.mp4"].startswith("no usable audio") and "no audio track" in skipped["mime.mp4"]
+    assert skipped["broken.mp4"].startswith("unreadable video")
+
+    folder = workspace["data"] / "videos" / "alice"
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["num_frames"] == round(SECONDS * FPS) == 40
+    assert meta["audio"]["num_samples"] == pytest.approx(SECONDS * 16_000, abs=1600)
+    clip = meta["clips"][1]
+    assert (clip["start"], clip["end"]) == (20, 40)
+    frames = sorted((folder / "clips" / "001").glob("*.jpg"))
+    assert len(frames) == CLIP and Image.open(frames[0]).size == (32, 32)
+    boxes = np.array(clip["boxes"])
+    assert boxes.shape == (CLIP, 4) and np.all(boxes[:, 2] > boxes[:, 0])
+    # the crop is stable over the clip: the face (about 45 % of the crop) stays inside it
+    assert boxes.min() > -2 and boxes.max() < 34
+    speeds = np.array(clip["speeds"])
+    assert speeds.shape == (CLIP,) and np.all(speeds >= 0) and 0.05 < speeds.mean() < 3.0  # degrees/frame
+    assert np.load(folder / "wav2vec.npy").shape == (40, 3, 32)  # frames, tiny wav2vec2 layers + 1, hidden
+
+
+def test_prepare_rerun_in_parallel_skips_finished_videos(workspace):
+    meta = workspace["data"] / "videos" / "alice" / "meta.json"
+    before = meta.stat().st_mtime_ns
+    (workspace["data"] / "videos" / ".bob.partial").mkdir()  # an interrupted earlier run
+    options = PrepareOptions(fps=FPS, size=32, clip_length=CLIP)
+    manifest = prepare(workspace["videos"], workspace["data"], options, workers=2)  # the process-pool path
+    assert meta.stat().st_mtime_ns == before
+    assert manifest["num_clips"] == 4 and len(manifest["skipped"]) == 2
+    assert not (workspace["data"] / "videos" / ".bob.partial").exists()
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_stage1_samples_a_target_and_another_frame_as_reference(workspace):
+    dataset = EmoDataset(workspace["data"], 32, seed=5)
+    sample = dataset[3]
+    assert sample["pixel_values"].shape == (1, 3, 32, 32) and sample["reference"].shape == (3, 32, 32)
+    assert -1.0 <= sample["pixel_values"].min() and sample["pixel_values"].max() <= 1.0
+    assert not torch.equal(sample["pixel_values"][0], sample["reference"])
+    mask = sample["face_mask"]
+    assert mask.shape == (1, 32, 32) and set(mask.unique().tolist()) == {0.0, 1.0} and 0.1 < mask.mean() < 0.6
+    assert all(torch.equal(a, b) for a, b in zip(dataset[3].values(), sample.values(), strict=True))
+    assert not torch.equal(dataset[3 + len(dataset)]["reference"], sample["reference"])  # next epoch, new draw
+
+
+def test_stage2_samples_contiguous_frames_with_their_audio_and_speeds(workspace):
+    dataset = EmoDataset(workspace["data"], 32, num_frames=4, num_motion_frames=2, with_audio=True, seed=0)
+    sample = dataset[1]  # alice, clip 1 (frames 20-39)
+    assert sample["pixel_values"].shape == (6, 3, 32, 32)
+    clip = dataset.clips[1]
+    rng = np.random.default_rng([0, 1])
+    start = int(rng.integers(0, CLIP - 6 + 1))
+    first = clip.start + start + 2
+    features = np.load(clip.wav2vec)
+    rows = np.clip(np.arange(first - 2, first + 6), 0, 39)
+    assert torch.equal(sample["audio_features"], torch.from_numpy(features[rows]))
+    assert sample["speeds"].shape == (8,)
+    image = np.asarray(Image.open(clip.folder / f"{start:05d}.jpg"), np.float32) / 127.5 - 1
+    assert torch.allclose(sample["pixel_values"][0], torch.from_numpy(image).permute(2, 0, 1))
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+def test_parameter_groups_follow_the_paper():
+    model = EmoTrainingModel(build_pipeline("tiny"))
+    names = [n for n, _ in model.named_parameters()]
+    stage3 = parameter_matcher(["temporal", "speed"])
+    selected = {n for n in names if stage3(n)}
+    assert any(".attn_speed." in n for n in selected) and any(n.startswith("speed_encoder.") for n in selected)
+    assert all(".motion_modules." in n or n.startswith("speed_encoder.") for n in selected)
+    stage1 = parameter_matcher(["backbone", "reference_net", "face_locator"])
+    assert not any(stage1(n) for n in names if ".motion_modules." in n or ".audio_attention." in n)
+    assert stage1("denoising_unet.conv_in.weight") and stage1("face_locator.conv_out.weight")
+
+
+def test_loss_falls_on_a_fixed_batch(workspace):
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    config = stage_config(workspace, 1, "fixed")
+    torch.manual_seed(0)
+    pipe = load_initial_pipeline(config)
+    model = EmoTrainingModel(pipe)
+    params = select_trainable(model, config.train.trainable)
+    dataset = EmoDataset(workspace["data"], 32, seed=0)
+    batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    accelerator = Accelerator(cpu=True)
+    losses = []
+    for _ in range(50):
+        loss = training_loss(model, pipe, scheduler, batch, config, torch.Generator().manual_seed(7), accelerator)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    print(f"fixed-batch loss: first {losses[0]:.4f}, last {losses[-1]:.4f}")
+    assert np.mean(losses[-5:]) < 0.3 * np.mean(losses[:5])
+
+
+def test_three_stages_train_only_their_modules_and_chain(workspace):
+    from accelerate.utils import set_seed
+
+    root = workspace["root"]
+    # stage 1 through the command line; its initial weights are the seeded tiny build
+    main(["--config", str(CONFIGS / "tiny_stage1.yaml"), "--output-dir", str(root / "stage1"),
+          "--set", f"data.root={workspace['data']}"])  # fmt: skip
+    set_seed(0)
+    build_pipeline("tiny").save_pretrained(root / "stage1-init")
+    exports = [root / "stage1-init"]
+    validation = ["validation.every=2", f"validation.image={root / 'portrait.png'}",
+                  f"validation.audio={root / 'speech.wav'}", "validation.num_inference_steps=2"]  # fmt: skip
+    for stage in (1, 2, 3):
+        if stage > 1:
+            result = train(stage_config(workspace, stage, f"stage{stage}", *(validation if stage == 3 else [])))
+            assert math.isfinite(result["loss"]) and result["step"] == 2
+        exports.append(root / f"stage{stage}" / "pipeline")
+        before, after = component_weights(exports[-2]), component_weights(exports[-1])
+        declared = parameter_matcher(load_config(CONFIGS / f"tiny_stage{stage}.yaml").train.trainable)
+        moved = changed(before, after)
+        assert moved and all(declared(k) for k in moved), sorted(k for k in moved if not declared(k))[:5]
+        assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith("conv_in.weight") and declared(k))
+    assert any(".attn_speed." in k for k in moved) and any(k.startswith("speed_encoder.") for k in moved)
+    assert (root / "stage3" / "validation" / "step-0000002.mp4").stat().st_size > 1000
+    assert list((root / "stage3" / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_export_loads_and_generates_a_video(workspace):
+    folder = workspace["root"] / "stage3" / "pipeline"
+    if not folder.is_dir():
+        pytest.skip("needs test_three_stages_train_only_their_modules_and_chain")
+    pipe = EmoPipeline.from_pretrained(folder)
+    audio = synthetic.speech_like_audio(0.5, seed=4)
+    out = pipe(synthetic.portrait(32), audio, sampling_rate=16_000, num_inference_steps=2, clip_length=4,
+               num_motion_frames=2, output_type="np", generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert out.frames.shape == (13, 32, 32, 3) and np.isfinite(out.frames).all()
+    assert (folder / "training_config.yaml").is_file()
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(workspace):
+    root = workspace["root"]
+    settings = ["train.batch_size=1", "train.max_steps=4", "checkpointing.every=2", "checkpointing.keep=3",
+                "train.use_8bit_adam=true", "train.ema=true"]  # fmt: skip
+    if not (root / "stage1" / "pipeline").is_dir():
+        train(stage_config(workspace, 1, "stage1"))
+    train(stage_config(workspace, 2, "straight", *settings))
+    train(stage_config(workspace, 2, "killed", *settings, "train.max_steps=3"))
+    killed = root / "killed"
+    shutil.rmtree(killed / "checkpoint-3")  # killed after step 3, before writing its checkpoint...
+    (killed / ".checkpoint-4.tmp").mkdir()  # ...or while writing the next one
+    assert resolve_resume(killed, "latest") == killed / "checkpoint-2"  # mid-epoch: 4 samples, batch 1
+    train(stage_config(workspace, 2, "killed", *settings), resume="latest")
+    assert [p.name for p in list_checkpoints(killed)] == ["checkpoint-2", "checkpoint-4"]
+    for name in ("model.safetensors",):
+        a, b = load_file(root / "straight" / "checkpoint-4" / name), load_file(killed / "checkpoint-4" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = component_weights(root / "straight" / "pipeline"), component_weights(killed / "pipeline")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # EMA weights exported by both
