@@ -55,17 +55,23 @@ class Attention(nn.Module):
         # x: (b, l, c); context: (b, s, c_ctx) -> (b, l, c)
         context = x if context is None else context
         q, k, v = (
-            rearrange(t, "b l (h d) -> (b h) l d", h=self.heads)
+            rearrange(t, "b l (h d) -> b h l d", h=self.heads)
             for t in (self.to_q(x), self.to_k(context), self.to_v(context))
-        )
+        )  # 4-D inputs: SDPA's fused CPU/GPU kernels need them (3-D falls back to the slow math path)
         if self.slice_size is None:
             out = F.scaled_dot_product_attention(q, k, v)
-        else:
+        else:  # chunks of `slice_size` (batch x head) pairs, each as a (1, s, l, d) batch
+            b = q.shape[0]
+            q, k, v = (t.flatten(0, 1)[None] for t in (q, k, v))
             s = self.slice_size
             out = torch.cat(
-                [F.scaled_dot_product_attention(q[i : i + s], k[i : i + s], v[i : i + s]) for i in range(0, len(q), s)]
-            )
-        out = rearrange(out, "(b h) l d -> b l (h d)", h=self.heads)
+                [
+                    F.scaled_dot_product_attention(q[:, i : i + s], k[:, i : i + s], v[:, i : i + s])
+                    for i in range(0, q.shape[1], s)
+                ],
+                dim=1,
+            ).unflatten(1, (b, self.heads))[0]
+        out = rearrange(out, "b h l d -> b l (h d)")
         return self.to_out[1](self.to_out[0](out))
 
 
