@@ -195,8 +195,9 @@ def test_three_stages_train_only_their_modules_and_chain(workspace):
 
     root = workspace["root"]
     # stage 1 through the command line; its initial weights are the seeded tiny build
-    main(["--config", str(CONFIGS / "tiny_stage1.yaml"), "--output-dir", str(root / "stage1"),
-          "--set", f"data.root={workspace['data']}"])  # fmt: skip
+    result = main(["--config", str(CONFIGS / "tiny_stage1.yaml"), "--output-dir", str(root / "stage1"),
+                   "--set", f"data.root={workspace['data']}"])  # fmt: skip
+    assert math.isfinite(result["loss"]) and result["step"] == 4
     set_seed(0)
     build_pipeline("tiny").save_pretrained(root / "stage1-init")
     exports = [root / "stage1-init"]

@@ -526,7 +526,8 @@ def _flat(values: dict, prefix: str = "") -> dict:
     return flat
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """The command line; returns `train`'s result (step, last loss, export folder)."""
     parser = argparse.ArgumentParser(prog="python -m training.train", description="Train one EMO stage.")
     parser.add_argument("--config", required=True, help="stage YAML (training/configs/stage{1,2,3}.yaml)")
     parser.add_argument("--resume", default=None, help="'latest' (newest checkpoint in output_dir) or a folder")
@@ -543,6 +544,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides.append(f"output_dir={args.output_dir}")
     result = train(load_config(args.config, overrides), resume=args.resume)
     logger.info("stage done at step %d, loss %.4f, pipeline: %s", result["step"], result["loss"], result["export"])
+    return result
 
 
 if __name__ == "__main__":
