@@ -135,6 +135,7 @@ class VideoWriter:
             video = self._silent_video
             if self.audio is not None or self.audio_array is not None:
                 video = self._mux_audio(video)
+            os.chmod(video, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
             os.replace(video, self.path)
         except BaseException:
             self.abort()
@@ -336,3 +337,12 @@ def _pad_to_even(frames: np.ndarray) -> np.ndarray:
     if height % 2 == 0 and width % 2 == 0:
         return np.ascontiguousarray(frames)
     return np.pad(frames, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once at import: os.umask is process-wide, not safe to toggle in threads

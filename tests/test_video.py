@@ -166,3 +166,13 @@ def test_non_uint8_frames_are_rejected(tmp_path):
         writer.write(np.zeros((2, 32, 32, 3), np.float32))
 
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_output_gets_the_usual_file_permissions(tmp_path):
+    import os
+    import stat
+
+    path = write_video(tmp_path / "v.mp4", np.zeros((3, 16, 16, 3), np.uint8), fps=25)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask
