@@ -72,8 +72,9 @@ def benchmark(config, steps: int, warmup: int) -> dict:
         fps = json.loads((Path(config.data.root) / "manifest.json").read_text())["options"]["fps"]
         compute_audio_features(pipe, config.data.root, audio_dir, fps)
     dataset = make_dataset(config, pipe, audio_dir)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=config.data.num_workers)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=t.batch_size, shuffle=True, drop_last=True, num_workers=config.data.num_workers
+    )
     optimizer = make_optimizer(config, params)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -104,7 +105,9 @@ def benchmark(config, steps: int, warmup: int) -> dict:
     samples = steps * t.batch_size * t.gradient_accumulation_steps
     result = {
         "stage": config.stage,
-        "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name()
+        if cuda
+        else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
         "mixed_precision": t.mixed_precision,
         "resolution": config.data.resolution,
         "frames_per_sample": config.data.num_frames + config.data.num_motion_frames,
@@ -129,7 +132,9 @@ def main() -> None:
     parser.add_argument("--config", required=True, help="a stage YAML")
     parser.add_argument("--steps", type=int, default=10, help="timed optimiser steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--model", default=None, help="random weights of this build_pipeline size (tiny, sd15)")
+    parser.add_argument(
+        "--model", default=None, help="random weights of this build_pipeline size (tiny, sd15)"
+    )
     parser.add_argument("--data", default=None, help="a prepared dataset (default: a synthetic one)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
@@ -139,7 +144,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     overrides = list(args.set)
     if args.model:
-        overrides += ["init.pipeline=null", "init.base_models=null", f"init.model={args.model}", "init.motion_module=null"]
+        overrides += [
+            "init.pipeline=null",
+            "init.base_models=null",
+            f"init.model={args.model}",
+            "init.motion_module=null",
+        ]
     with tempfile.TemporaryDirectory() as tmp:
         overrides.append(f"output_dir={tmp}/run")
         config = load_config(args.config, overrides)

@@ -133,7 +133,9 @@ def test_stage1_samples_a_target_and_another_frame_as_reference(workspace):
     mask = sample["face_mask"]
     assert mask.shape == (1, 32, 32) and set(mask.unique().tolist()) == {0.0, 1.0} and 0.1 < mask.mean() < 0.6
     assert all(torch.equal(a, b) for a, b in zip(dataset[3].values(), sample.values(), strict=True))
-    assert not torch.equal(dataset[3 + len(dataset)]["reference"], sample["reference"])  # next epoch, new draw
+    assert not torch.equal(
+        dataset[3 + len(dataset)]["reference"], sample["reference"]
+    )  # next epoch, new draw
 
 
 def test_stage2_samples_contiguous_frames_with_their_audio_and_speeds(workspace):
@@ -158,7 +160,9 @@ def test_parameter_groups_follow_the_paper():
     names = [n for n, _ in model.named_parameters()]
     stage3 = parameter_matcher(["temporal", "speed"])
     selected = {n for n in names if stage3(n)}
-    assert any(".attn_speed." in n for n in selected) and any(n.startswith("speed_encoder.") for n in selected)
+    assert any(".attn_speed." in n for n in selected) and any(
+        n.startswith("speed_encoder.") for n in selected
+    )
     assert all(".motion_modules." in n or n.startswith("speed_encoder.") for n in selected)
     stage1 = parameter_matcher(["backbone", "reference_net", "face_locator"])
     assert not any(stage1(n) for n in names if ".motion_modules." in n or ".audio_attention." in n)
@@ -181,7 +185,9 @@ def test_loss_falls_on_a_fixed_batch(workspace):
     accelerator = Accelerator(cpu=True)
     losses = []
     for _ in range(50):
-        loss = training_loss(model, pipe, scheduler, batch, config, torch.Generator().manual_seed(7), accelerator)
+        loss = training_loss(
+            model, pipe, scheduler, batch, config, torch.Generator().manual_seed(7), accelerator
+        )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -195,24 +201,42 @@ def test_three_stages_train_only_their_modules_and_chain(workspace):
 
     root = workspace["root"]
     # stage 1 through the command line; its initial weights are the seeded tiny build
-    result = main(["--config", str(CONFIGS / "tiny_stage1.yaml"), "--output-dir", str(root / "stage1"),
-                   "--set", f"data.root={workspace['data']}"])  # fmt: skip
+    result = main(
+        [
+            "--config",
+            str(CONFIGS / "tiny_stage1.yaml"),
+            "--output-dir",
+            str(root / "stage1"),
+            "--set",
+            f"data.root={workspace['data']}",
+        ]
+    )
     assert math.isfinite(result["loss"]) and result["step"] == 4
     set_seed(0)
     build_pipeline("tiny").save_pretrained(root / "stage1-init")
     exports = [root / "stage1-init"]
-    validation = ["validation.every=2", f"validation.image={root / 'portrait.png'}",
-                  f"validation.audio={root / 'speech.wav'}", "validation.num_inference_steps=2"]  # fmt: skip
+    validation = [
+        "validation.every=2",
+        f"validation.image={root / 'portrait.png'}",
+        f"validation.audio={root / 'speech.wav'}",
+        "validation.num_inference_steps=2",
+    ]
     for stage in (1, 2, 3):
         if stage > 1:
-            result = train(stage_config(workspace, stage, f"stage{stage}", *(validation if stage == 3 else [])))
+            result = train(
+                stage_config(workspace, stage, f"stage{stage}", *(validation if stage == 3 else []))
+            )
             assert math.isfinite(result["loss"]) and result["step"] == 2
         exports.append(root / f"stage{stage}" / "pipeline")
         before, after = component_weights(exports[-2]), component_weights(exports[-1])
         declared = parameter_matcher(load_config(CONFIGS / f"tiny_stage{stage}.yaml").train.trainable)
         moved = changed(before, after)
         assert moved and all(declared(k) for k in moved), sorted(k for k in moved if not declared(k))[:5]
-        assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith("conv_in.weight") and declared(k))
+        assert all(
+            not torch.equal(before[k], after[k])
+            for k in before
+            if k.endswith("conv_in.weight") and declared(k)
+        )
     assert any(".attn_speed." in k for k in moved) and any(k.startswith("speed_encoder.") for k in moved)
     assert (root / "stage3" / "validation" / "step-0000002.mp4").stat().st_size > 1000
     assert list((root / "stage3" / "logs").rglob("events.out.tfevents.*"))
@@ -224,16 +248,30 @@ def test_export_loads_and_generates_a_video(workspace):
         pytest.skip("needs test_three_stages_train_only_their_modules_and_chain")
     pipe = EmoPipeline.from_pretrained(folder)
     audio = synthetic.speech_like_audio(0.5, seed=4)
-    out = pipe(synthetic.portrait(32), audio, sampling_rate=16_000, num_inference_steps=2, clip_length=4,
-               num_motion_frames=2, output_type="np", generator=torch.Generator().manual_seed(0))  # fmt: skip
+    out = pipe(
+        synthetic.portrait(32),
+        audio,
+        sampling_rate=16_000,
+        num_inference_steps=2,
+        clip_length=4,
+        num_motion_frames=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.frames.shape == (13, 32, 32, 3) and np.isfinite(out.frames).all()
     assert (folder / "training_config.yaml").is_file()
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(workspace):
     root = workspace["root"]
-    settings = ["train.batch_size=1", "train.max_steps=4", "checkpointing.every=2", "checkpointing.keep=3",
-                "train.use_8bit_adam=true", "train.ema=true"]  # fmt: skip
+    settings = [
+        "train.batch_size=1",
+        "train.max_steps=4",
+        "checkpointing.every=2",
+        "checkpointing.keep=3",
+        "train.use_8bit_adam=true",
+        "train.ema=true",
+    ]
     if not (root / "stage1" / "pipeline").is_dir():
         train(stage_config(workspace, 1, "stage1"))
     train(stage_config(workspace, 2, "straight", *settings))

@@ -30,7 +30,7 @@ PARAMETER_GROUPS: dict[str, tuple[str, str | None]] = {
 
 
 def parameter_matcher(entries: list[str]):
-    """Config `trainable` entries (group names or "re:<pattern>") -> predicate on "<component>.<param>" names."""
+    """Config `trainable` entries (group names or "re:<pattern>") -> predicate on "<component>.<param>"."""
     rules: list[tuple[re.Pattern, re.Pattern | None]] = []
     for entry in entries:
         if entry.startswith("re:"):
@@ -39,7 +39,10 @@ def parameter_matcher(entries: list[str]):
             include, exclude = PARAMETER_GROUPS[entry]
             rules.append((re.compile(include), re.compile(exclude) if exclude else None))
         else:
-            raise ValueError(f"train.trainable: unknown group {entry!r}; use one of {sorted(PARAMETER_GROUPS)} or 're:<regex>'")
+            raise ValueError(
+                f"train.trainable: unknown group {entry!r}; "
+                f"use one of {sorted(PARAMETER_GROUPS)} or 're:<regex>'"
+            )
 
     def matches(name: str) -> bool:
         return any(inc.search(name) and not (exc and exc.search(name)) for inc, exc in rules)
@@ -130,7 +133,7 @@ class CheckpointConfig:
 
 @dataclass
 class ValidationConfig:
-    """A validation video every `every` steps (0: never) from a fixed portrait and audio (first max_seconds)."""
+    """A validation video every `every` steps (0: never): fixed portrait, audio (first max_seconds), seed."""
 
     every: int = 0
     image: str | None = None
@@ -160,15 +163,25 @@ class Config:
             raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
         sources = [k for k in ("pipeline", "base_models", "model") if getattr(self.init, k) is not None]
         if len(sources) != 1:
-            raise ValueError(f"init: set exactly one of pipeline, base_models, model; got {sources or 'none'}")
+            raise ValueError(
+                f"init: set exactly one of pipeline, base_models, model; got {sources or 'none'}"
+            )
         if self.stage == 1 and (self.data.num_frames != 1 or self.data.num_motion_frames != 0):
-            raise ValueError("stage 1 trains on single frames: set data.num_frames: 1 and data.num_motion_frames: 0")
+            raise ValueError(
+                "stage 1 trains on single frames: set data.num_frames: 1 and data.num_motion_frames: 0"
+            )
         if self.stage > 1 and self.data.num_frames < 2:
-            raise ValueError(f"stages 2-3 train on clips: data.num_frames must be >= 2, got {self.data.num_frames}")
+            raise ValueError(
+                f"stages 2-3 train on clips: data.num_frames must be >= 2, got {self.data.num_frames}"
+            )
         if self.data.audio_features not in ("prepared", "compute"):
-            raise ValueError(f"data.audio_features must be 'prepared' or 'compute', got {self.data.audio_features!r}")
+            raise ValueError(
+                f"data.audio_features must be 'prepared' or 'compute', got {self.data.audio_features!r}"
+            )
         if self.train.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"train.mixed_precision must be no, fp16 or bf16, got {self.train.mixed_precision!r}")
+            raise ValueError(
+                f"train.mixed_precision must be no, fp16 or bf16, got {self.train.mixed_precision!r}"
+            )
         if self.validation.every and not (self.validation.image and self.validation.audio):
             raise ValueError("validation.every > 0 needs validation.image and validation.audio")
         parameter_matcher(self.train.trainable)  # raises on unknown groups
@@ -187,8 +200,14 @@ def _build(cls, values: dict[str, Any], where: str):
         raise ValueError(f"{where or 'config'}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
     kwargs = {}
     for name, value in values.items():
-        nested = {"init": InitConfig, "data": DataConfig, "train": OptimConfig, "checkpointing": CheckpointConfig,
-                  "validation": ValidationConfig, "condition_dropout": ConditionDropout}.get(name)  # fmt: skip
+        nested = {
+            "init": InitConfig,
+            "data": DataConfig,
+            "train": OptimConfig,
+            "checkpointing": CheckpointConfig,
+            "validation": ValidationConfig,
+            "condition_dropout": ConditionDropout,
+        }.get(name)
         kwargs[name] = _build(nested, value, f"{where}.{name}".strip(".")) if nested else value
     return cls(**kwargs)
 

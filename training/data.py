@@ -48,19 +48,29 @@ def read_clips(root: str | Path) -> list[ClipInfo]:
     root = Path(root)
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} not found: run `python -m training.prepare --out {root}` first")
+        raise FileNotFoundError(
+            f"{manifest_path} not found: run `python -m training.prepare --out {root}` first"
+        )
     clips = []
     for video in json.loads(manifest_path.read_text())["videos"]:
         folder = root / "videos" / video["name"]
         meta = json.loads((folder / "meta.json").read_text())
         wav2vec = folder / meta["wav2vec"]["file"] if meta["wav2vec"] else None
         for clip in meta["clips"]:
-            clips.append(ClipInfo(
-                video=video["name"], folder=folder / "clips" / f"{clip['index']:03d}",
-                image_format=meta["image_format"], start=clip["start"], num_frames=clip["end"] - clip["start"],
-                size=meta["size"], boxes=np.asarray(clip["boxes"], np.float32),
-                speeds=np.asarray(clip["speeds"], np.float32), video_frames=meta["num_frames"], wav2vec=wav2vec,
-            ))  # fmt: skip
+            clips.append(
+                ClipInfo(
+                    video=video["name"],
+                    folder=folder / "clips" / f"{clip['index']:03d}",
+                    image_format=meta["image_format"],
+                    start=clip["start"],
+                    num_frames=clip["end"] - clip["start"],
+                    size=meta["size"],
+                    boxes=np.asarray(clip["boxes"], np.float32),
+                    speeds=np.asarray(clip["speeds"], np.float32),
+                    video_frames=meta["num_frames"],
+                    wav2vec=wav2vec,
+                )
+            )
     return clips
 
 
@@ -81,7 +91,11 @@ class EpochSampler(Sampler[int]):
         return self.size
 
     def __iter__(self) -> Iterator[int]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size) if self.shuffle else range(self.size)
+        order = (
+            np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+            if self.shuffle
+            else range(self.size)
+        )
         return iter(int(self.epoch * self.size + i) for i in order)
 
 
@@ -120,7 +134,9 @@ class EmoDataset(Dataset):
         if not self.clips:
             raise ValueError(f"no clip in {root} has {window} frames or more (of {len(all_clips)} clips)")
         if with_audio and self.audio_features_dir is None and any(c.wav2vec is None for c in self.clips):
-            raise ValueError(f"{root} has no cached wav2vec2 features: prepare with --wav2vec, or compute them")
+            raise ValueError(
+                f"{root} has no cached wav2vec2 features: prepare with --wav2vec, or compute them"
+            )
         self.samples_per_clip = samples_per_clip
 
     def __len__(self) -> int:
@@ -140,7 +156,7 @@ class EmoDataset(Dataset):
         return array.permute(2, 0, 1)
 
     def __getitem__(self, sample_id: int) -> dict[str, torch.Tensor]:
-        clip = self.clips[sample_id % len(self)  // self.samples_per_clip]
+        clip = self.clips[sample_id % len(self) // self.samples_per_clip]
         rng = np.random.default_rng([self.seed, sample_id])
         window = self.num_motion_frames + self.num_frames
         start = int(rng.integers(0, clip.num_frames - window + 1))
@@ -158,12 +174,22 @@ class EmoDataset(Dataset):
         }
         if self.with_audio:
             first = clip.start + start + self.num_motion_frames  # the f frames' first index in the video
-            rows = np.clip(np.arange(first - self.audio_margin, first + self.num_frames + self.audio_margin),
-                           0, clip.video_frames - 1)  # fmt: skip
+            rows = np.clip(
+                np.arange(first - self.audio_margin, first + self.num_frames + self.audio_margin),
+                0,
+                clip.video_frames - 1,
+            )
             features = np.load(self.audio_path(clip), mmap_mode="r")
             layers = features.shape[1] if self.audio_layers is None else self.audio_layers
-            sample["audio_features"] = torch.from_numpy(np.ascontiguousarray(features[rows, -layers:], np.float32))
-            local = np.clip(np.arange(start + self.num_motion_frames - self.speed_margin,
-                                      start + window + self.speed_margin), 0, clip.num_frames - 1)  # fmt: skip
+            sample["audio_features"] = torch.from_numpy(
+                np.ascontiguousarray(features[rows, -layers:], np.float32)
+            )
+            local = np.clip(
+                np.arange(
+                    start + self.num_motion_frames - self.speed_margin, start + window + self.speed_margin
+                ),
+                0,
+                clip.num_frames - 1,
+            )
             sample["speeds"] = torch.from_numpy(clip.speeds[local])
         return sample

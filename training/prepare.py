@@ -94,7 +94,10 @@ def split_runs(boxes: list[FaceBox | None], max_jump: float) -> list[tuple[int, 
         jump = False
         if box is not None and prev is not None:
             side = max(prev.width, prev.height, 1.0)
-            jump = max(abs(box.center[0] - prev.center[0]), abs(box.center[1] - prev.center[1])) > max_jump * side
+            jump = (
+                max(abs(box.center[0] - prev.center[0]), abs(box.center[1] - prev.center[1]))
+                > max_jump * side
+            )
         if start is not None and (box is None or jump):
             runs.append((start, i))
             start = None
@@ -126,7 +129,9 @@ def load_wav2vec(path: str):
         encoder_dir, extractor_dir = root / "audio_encoder", root / "feature_extractor"
     else:
         encoder_dir = extractor_dir = root
-    return Wav2Vec2Model.from_pretrained(encoder_dir).eval(), Wav2Vec2FeatureExtractor.from_pretrained(extractor_dir)
+    return Wav2Vec2Model.from_pretrained(encoder_dir).eval(), Wav2Vec2FeatureExtractor.from_pretrained(
+        extractor_dir
+    )
 
 
 def audio_frame_features(waveform: np.ndarray, num_frames: int, fps: float, encoder, extractor) -> np.ndarray:
@@ -163,8 +168,13 @@ def _box_list(box: FaceBox) -> list[float]:
     return [round(v, 2) for v in (box.x0, box.y0, box.x1, box.y1)]
 
 
-def _write_clip(frames: list[np.ndarray], crop_box_source: FaceBox, boxes: list[FaceBox], folder: Path,
-                options: PrepareOptions) -> dict:  # fmt: skip
+def _write_clip(
+    frames: list[np.ndarray],
+    crop_box_source: FaceBox,
+    boxes: list[FaceBox],
+    folder: Path,
+    options: PrepareOptions,
+) -> dict:
     """Crop a clip's frames with one square crop, write them, measure head pose -> the clip's metadata."""
     folder.mkdir(parents=True)
     crops = []
@@ -180,13 +190,17 @@ def _write_clip(frames: list[np.ndarray], crop_box_source: FaceBox, boxes: list[
             image.save(name)
     x0, y0, _, _ = crop.crop_box
     factor = options.size / crop.side
-    in_crop = [FaceBox((b.x0 - x0) * factor, (b.y0 - y0) * factor, (b.x1 - x0) * factor, (b.y1 - y0) * factor)
-               for b in boxes]  # fmt: skip
+    in_crop = [
+        FaceBox((b.x0 - x0) * factor, (b.y0 - y0) * factor, (b.x1 - x0) * factor, (b.y1 - y0) * factor)
+        for b in boxes
+    ]
     poses = head_poses(crops)
     return {
         "crop_box": list(crop.crop_box),
         "boxes": [_box_list(b) for b in in_crop],
-        "poses": [None if p is None else [round(p.yaw, 3), round(p.pitch, 3), round(p.roll, 3)] for p in poses],
+        "poses": [
+            None if p is None else [round(p.yaw, 3), round(p.pitch, 3), round(p.roll, 3)] for p in poses
+        ],
         "speeds": [round(float(s), 4) for s in head_rotation_speed(poses)],
     }
 
@@ -241,7 +255,9 @@ def _prepare(source: Path, folder: Path, options: PrepareOptions) -> dict:
             if position == end:
                 break
         clip_boxes = [b for b in boxes[start:end] if b is not None]
-        info = _write_clip(chunk, union_box(clip_boxes), clip_boxes, folder / "clips" / f"{index:03d}", options)
+        info = _write_clip(
+            chunk, union_box(clip_boxes), clip_boxes, folder / "clips" / f"{index:03d}", options
+        )
         clip_meta.append({"index": index, "start": start, "end": end, **info})
     frames.close()
 
@@ -270,7 +286,7 @@ def _prepare(source: Path, folder: Path, options: PrepareOptions) -> dict:
 
 # ------------------------------------------------------------------------------------------------ all videos
 def find_videos(root: Path) -> dict[str, Path]:
-    """Video files under `root` (recursively) by output name: the relative path without suffix, '/' -> '__'."""
+    """Video files under `root` (recursively) by output name: relative path without suffix, '/' -> '__'."""
     names: dict[str, Path] = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS):
         rel = path.relative_to(root)
@@ -290,13 +306,15 @@ def write_manifest(out: Path, options: PrepareOptions, skipped: dict[str, str]) 
     videos = []
     for meta_path in sorted((out / "videos").glob("*/meta.json")):
         meta = json.loads(meta_path.read_text())
-        videos.append({
-            "name": meta_path.parent.name,
-            "source": meta["source"],
-            "num_frames": meta["num_frames"],
-            "wav2vec": meta["wav2vec"] is not None,
-            "clips": [{"index": c["index"], "num_frames": c["end"] - c["start"]} for c in meta["clips"]],
-        })  # fmt: skip
+        videos.append(
+            {
+                "name": meta_path.parent.name,
+                "source": meta["source"],
+                "num_frames": meta["num_frames"],
+                "wav2vec": meta["wav2vec"] is not None,
+                "clips": [{"index": c["index"], "num_frames": c["end"] - c["start"]} for c in meta["clips"]],
+            }
+        )
     manifest = {
         "version": MANIFEST_VERSION,
         "options": asdict(options),
@@ -342,33 +360,58 @@ def prepare(videos: Path, out: Path, options: PrepareOptions, workers: int = 1) 
             pool.close()
             pool.join()
     manifest = write_manifest(out, options, skipped)
-    logger.info("%d videos, %d clips, %d skipped -> %s", manifest["num_videos"], manifest["num_clips"],
-                len(skipped), out / "manifest.json")  # fmt: skip
+    logger.info(
+        "%d videos, %d clips, %d skipped -> %s",
+        manifest["num_videos"],
+        manifest["num_clips"],
+        len(skipped),
+        out / "manifest.json",
+    )
     return manifest
 
 
 def main(argv: list[str] | None = None) -> None:
     defaults = PrepareOptions()
     parser = argparse.ArgumentParser(prog="python -m training.prepare", description=__doc__.split("\n")[0])
-    parser.add_argument("--videos", type=Path, required=True, help="folder of talking videos (searched recursively)")
+    parser.add_argument(
+        "--videos", type=Path, required=True, help="folder of talking videos (searched recursively)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder (see training/README.md)")
     parser.add_argument("--fps", type=float, default=defaults.fps, help="training frame rate, Hz")
     parser.add_argument("--size", type=int, default=defaults.size, help="face-crop side, pixels")
     parser.add_argument("--clip-length", type=int, default=defaults.clip_length, help="frames per clip")
-    parser.add_argument("--min-clip-length", type=int, default=defaults.min_clip_length,
-                        help="shortest clip kept, frames (>= n + f of stages 2-3)")  # fmt: skip
-    parser.add_argument("--margin", type=float, default=defaults.margin, help="crop margin around the face box")
-    parser.add_argument("--max-jump", type=float, default=defaults.max_jump,
-                        help="box-centre move per frame (fraction of the box side) that ends a clip")  # fmt: skip
+    parser.add_argument(
+        "--min-clip-length",
+        type=int,
+        default=defaults.min_clip_length,
+        help="shortest clip kept, frames (>= n + f of stages 2-3)",
+    )
+    parser.add_argument(
+        "--margin", type=float, default=defaults.margin, help="crop margin around the face box"
+    )
+    parser.add_argument(
+        "--max-jump",
+        type=float,
+        default=defaults.max_jump,
+        help="box-centre move per frame (fraction of the box side) that ends a clip",
+    )
     parser.add_argument("--image-format", choices=("jpg", "png"), default=defaults.image_format)
-    parser.add_argument("--wav2vec", default=None, help="wav2vec2 (or EmoPipeline) folder: cache audio features")
+    parser.add_argument(
+        "--wav2vec", default=None, help="wav2vec2 (or EmoPipeline) folder: cache audio features"
+    )
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     options = PrepareOptions(
-        fps=args.fps, size=args.size, clip_length=args.clip_length, min_clip_length=args.min_clip_length,
-        margin=args.margin, max_jump=args.max_jump, image_format=args.image_format, wav2vec=args.wav2vec,
-    )  # fmt: skip
+        fps=args.fps,
+        size=args.size,
+        clip_length=args.clip_length,
+        min_clip_length=args.min_clip_length,
+        margin=args.margin,
+        max_jump=args.max_jump,
+        image_format=args.image_format,
+        wav2vec=args.wav2vec,
+    )
     prepare(args.videos, args.out, options, workers=args.workers)
 
 

@@ -56,8 +56,14 @@ def frames(seconds: float, fps: float = 25, size: int = 96, seed: int = 0) -> li
     return out
 
 
-def write_talking_video(path: str | Path, seconds: float = 1.6, fps: float = 25, size: int = 96,
-                        with_audio: bool = True, seed: int = 0) -> Path:  # fmt: skip
+def write_talking_video(
+    path: str | Path,
+    seconds: float = 1.6,
+    fps: float = 25,
+    size: int = 96,
+    with_audio: bool = True,
+    seed: int = 0,
+) -> Path:
     """Write an mp4 (H.264, and AAC audio unless `with_audio` is False) of the moving portrait."""
     import imageio_ffmpeg
 
@@ -67,9 +73,14 @@ def write_talking_video(path: str | Path, seconds: float = 1.6, fps: float = 25,
         if with_audio:
             wav = write_wav(Path(tmp) / "audio.wav", speech_like_audio(seconds, seed=seed), 16_000)
         writer = imageio_ffmpeg.write_frames(
-            str(path), (size, size), fps=fps, quality=8, macro_block_size=16,
-            audio_path=str(wav) if wav else None, audio_codec="aac" if wav else None,
-        )  # fmt: skip
+            str(path),
+            (size, size),
+            fps=fps,
+            quality=8,
+            macro_block_size=16,
+            audio_path=str(wav) if wav else None,
+            audio_codec="aac" if wav else None,
+        )
         writer.send(None)
         for frame in frames(seconds, fps, size, seed):
             writer.send(np.ascontiguousarray(frame))

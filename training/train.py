@@ -71,10 +71,15 @@ class EmoTrainingModel(nn.Module):
     ) -> torch.Tensor:
         """noisy: (b, 4, f, h, w); reference_latents (b, 4, h, w); motion_latents (b, n, 4, h, w) or None;
         face_mask (b, 1, H, W); audio_features (b, f + 2m, layers, dim) or None; speeds (b, f + 2m) deg/frame
-        or None; keep: per-sample 1/0 (b,) for "reference", "audio", "motion" -> prediction (b, 4, f, h, w)."""
+        or None; keep: per-sample 1/0 (b,) for "reference", "audio", "motion".
+        Returns the prediction (b, 4, f, h, w)."""
         b = noisy.shape[0]
         # 1. ReferenceNet once for the reference and the motion frames
-        inputs = reference_latents if motion_latents is None else torch.cat([reference_latents, motion_latents.flatten(0, 1)])
+        inputs = (
+            reference_latents
+            if motion_latents is None
+            else torch.cat([reference_latents, motion_latents.flatten(0, 1)])
+        )
         out = self.reference_net(inputs)
         reference_tokens = {k: v[:b] * _expand(keep["reference"], v) for k, v in out.reference_tokens.items()}
         motion_features = None
@@ -122,17 +127,25 @@ class TrainState:
         self.generator = torch.Generator().manual_seed(seed)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
-                "generator": self.generator.get_state()}  # fmt: skip
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "generator": self.generator.get_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
+        self.step, self.epoch, self.batches_in_epoch = (
+            state["step"],
+            state["epoch"],
+            state["batches_in_epoch"],
+        )
         self.generator.set_state(state["generator"])
 
 
 # ------------------------------------------------------------------------------------------------ setup
 def load_initial_pipeline(config: Config) -> EmoPipeline:
-    """The pipeline the stage starts from: a folder (previous stage), base models (SD 1.5...), or a size config."""
+    """The stage's starting pipeline: a folder (previous stage), base models (SD 1.5...) or a size config."""
     init = config.init
     if init.pipeline is not None:
         pipe = EmoPipeline.from_pretrained(init.pipeline)
@@ -182,7 +195,9 @@ def compute_audio_features(pipe: EmoPipeline, data_root: str, out_dir: Path, fps
         folder = Path(data_root) / "videos" / video
         meta = json.loads((folder / "meta.json").read_text())
         waveform = load_audio(folder / meta["audio"]["file"], sampling_rate=16_000, mono=True).mono
-        features = audio_frame_features(waveform, meta["num_frames"], fps, pipe.audio_encoder, pipe.feature_extractor)
+        features = audio_frame_features(
+            waveform, meta["num_frames"], fps, pipe.audio_encoder, pipe.feature_extractor
+        )
         np.save(out_dir / f".{video}.tmp.npy", features)
         os.replace(out_dir / f".{video}.tmp.npy", target)
 
@@ -207,8 +222,12 @@ def make_dataset(config: Config, pipe: EmoPipeline, audio_features_dir: Path | N
 
 def make_optimizer(config: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     t = config.train
-    kwargs = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay,
-                  eps=t.adam_epsilon)  # fmt: skip
+    kwargs = dict(
+        lr=t.learning_rate,
+        betas=(t.adam_beta1, t.adam_beta2),
+        weight_decay=t.adam_weight_decay,
+        eps=t.adam_epsilon,
+    )
     if t.use_8bit_adam:
         import bitsandbytes as bnb
 
@@ -238,16 +257,23 @@ def training_loss(
     target_latents = latents[:, n:].permute(0, 2, 1, 3, 4)  # (b, 4, f, h, w)
 
     # one random stream for the global batch (identical on every process), each process takes its rows
-    world, rows = accelerator.num_processes, slice(accelerator.process_index * b, (accelerator.process_index + 1) * b)
+    world, rows = (
+        accelerator.num_processes,
+        slice(accelerator.process_index * b, (accelerator.process_index + 1) * b),
+    )
     device = target_latents.device
     noise = torch.randn((world * b, *target_latents.shape[1:]), generator=generator)[rows].to(device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (world * b,), generator=generator)
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (world * b,), generator=generator
+    )
     timesteps = timesteps[rows].to(device)
     noisy = noise_scheduler.add_noise(target_latents, noise, timesteps)
     target = noise_scheduler.get_velocity(target_latents, noise, timesteps)
     drop = config.train.condition_dropout
-    keep = {name: (torch.rand(world * b, generator=generator)[rows] >= p).float().to(device)
-            for name, p in (("reference", drop.reference), ("audio", drop.audio), ("motion", drop.motion))}  # fmt: skip
+    keep = {
+        name: (torch.rand(world * b, generator=generator)[rows] >= p).float().to(device)
+        for name, p in (("reference", drop.reference), ("audio", drop.audio), ("motion", drop.motion))
+    }
 
     pred = model(
         noisy,
@@ -265,7 +291,11 @@ def training_loss(
 # ------------------------------------------------------------------------------------------------ checkpoints
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Finished checkpoints, oldest first (temporary folders of interrupted writes are ignored)."""
-    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    found = [
+        p
+        for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
+        if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
@@ -313,8 +343,9 @@ def write_video(path: Path, frames: np.ndarray, fps: float, audio: np.ndarray, s
     with tempfile.TemporaryDirectory() as tmp:
         wav = write_wav(Path(tmp) / "audio.wav", audio, sampling_rate)
         height, width = frames.shape[1:3]
-        writer = imageio_ffmpeg.write_frames(str(path), (width, height), fps=fps, macro_block_size=8,
-                                             audio_path=str(wav), audio_codec="aac")  # fmt: skip
+        writer = imageio_ffmpeg.write_frames(
+            str(path), (width, height), fps=fps, macro_block_size=8, audio_path=str(wav), audio_codec="aac"
+        )
         writer.send(None)
         for frame in (np.clip(frames, 0, 1) * 255).round().astype(np.uint8):
             writer.send(np.ascontiguousarray(frame))
@@ -336,14 +367,24 @@ def run_validation(pipe: EmoPipeline, config: Config, step: int, accelerator) ->
     pipe.set_progress_bar_config(disable=True)
     clip_length = max(config.data.num_frames, 1) if config.stage > 1 else 12
     output = pipe(
-        image, audio, sampling_rate=16_000, head_speed=v.head_speed, num_inference_steps=v.num_inference_steps,
-        guidance_scale=v.guidance_scale, height=resolution, width=resolution, clip_length=clip_length,
+        image,
+        audio,
+        sampling_rate=16_000,
+        head_speed=v.head_speed,
+        num_inference_steps=v.num_inference_steps,
+        guidance_scale=v.guidance_scale,
+        height=resolution,
+        width=resolution,
+        clip_length=clip_length,
         num_motion_frames=min(config.data.num_motion_frames or 4, clip_length),
-        generator=torch.Generator().manual_seed(v.seed), output_type="np",
-    )  # fmt: skip
+        generator=torch.Generator().manual_seed(v.seed),
+        output_type="np",
+    )
     folder = Path(config.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
-    path = write_video(folder / f"step-{step:07d}.mp4", output.frames, output.fps, output.audio, output.sampling_rate)
+    path = write_video(
+        folder / f"step-{step:07d}.mp4", output.frames, output.fps, output.audio, output.sampling_rate
+    )
     tracker = accelerator.get_tracker("tensorboard", unwrap=True) if accelerator.trackers else None
     if tracker is not None:
         shown = output.frames[:: max(1, len(output.frames) // 8)][:8]
@@ -367,7 +408,7 @@ def export_pipeline(pipe: EmoPipeline, config: Config) -> Path:
 # ------------------------------------------------------------------------------------------------ loop
 def train(config: Config, resume: str | None = None) -> dict:
     """Run (or continue) a stage -> {"step", "loss" (last logged), "export" (folder or None)}."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, skip_first_batches
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -380,7 +421,9 @@ def train(config: Config, resume: str | None = None) -> dict:
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+        ),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     set_seed(t.seed)  # model initialisation (random weights, new layers)
@@ -395,8 +438,12 @@ def train(config: Config, resume: str | None = None) -> dict:
     if t.gradient_checkpointing:
         pipe.reference_net.enable_gradient_checkpointing()
         pipe.denoising_unet.enable_gradient_checkpointing()
-    logger.info("stage %d: %.2fM of %.2fM parameters train", config.stage, sum(p.numel() for p in params) / 1e6,
-                sum(p.numel() for p in model.parameters()) / 1e6)  # fmt: skip
+    logger.info(
+        "stage %d: %.2fM of %.2fM parameters train",
+        config.stage,
+        sum(p.numel() for p in params) / 1e6,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+    )
 
     # 2. Data (audio features computed once with this model's encoder if asked)
     audio_dir = None
@@ -409,16 +456,21 @@ def train(config: Config, resume: str | None = None) -> dict:
     dataset = make_dataset(config, pipe, audio_dir)
     sampler = EpochSampler(len(dataset), t.seed)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=t.batch_size, sampler=sampler, num_workers=config.data.num_workers, drop_last=True,
+        dataset,
+        batch_size=t.batch_size,
+        sampler=sampler,
+        num_workers=config.data.num_workers,
+        drop_last=True,
         generator=torch.Generator().manual_seed(t.seed),
-    )  # fmt: skip
+    )
     if len(loader) == 0:
         raise ValueError(f"{len(dataset)} samples is less than one batch of {t.batch_size}")
 
     # 3. Optimiser, schedule, EMA, state; accelerate wraps them
     optimizer = make_optimizer(config, params)
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
-                                 num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes)  # fmt: skip
+    lr_scheduler = get_scheduler(
+        "constant_with_warmup", optimizer, num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes
+    )
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     state = TrainState(t.seed)
     accelerator.register_for_checkpointing(state)
@@ -437,8 +489,13 @@ def train(config: Config, resume: str | None = None) -> dict:
     accelerator.init_trackers(f"emo_stage{config.stage}", config=_flat(config.to_dict()))
 
     # 4. Loop
-    progress = tqdm(total=t.max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
-                    desc=f"stage {config.stage}", unit="step")  # fmt: skip
+    progress = tqdm(
+        total=t.max_steps,
+        initial=state.step,
+        disable=not accelerator.is_local_main_process,
+        desc=f"stage {config.stage}",
+        unit="step",
+    )
     last_loss = math.nan
     losses: list[float] = []
     tick, samples = time.perf_counter(), 0
@@ -447,12 +504,12 @@ def train(config: Config, resume: str | None = None) -> dict:
         sampler.start_epoch(state.epoch)
         epoch_loader = loader
         if state.batches_in_epoch:
-            from accelerate import skip_first_batches
-
             epoch_loader = skip_first_batches(loader, state.batches_in_epoch)
         for batch in epoch_loader:
             with accelerator.accumulate(model):
-                loss = training_loss(model, pipe, noise_scheduler, batch, config, state.generator, accelerator)
+                loss = training_loss(
+                    model, pipe, noise_scheduler, batch, config, state.generator, accelerator
+                )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, t.max_grad_norm)
@@ -473,12 +530,22 @@ def train(config: Config, resume: str | None = None) -> dict:
             progress.set_postfix(loss=f"{last_loss:.4f}")
             if state.step % config.log_every == 0 or state.step == t.max_steps:
                 elapsed = time.perf_counter() - tick
-                accelerator.log({"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0],
-                                 "samples_per_second": samples / max(elapsed, 1e-9)}, step=state.step)  # fmt: skip
+                accelerator.log(
+                    {
+                        "loss": last_loss,
+                        "lr": lr_scheduler.get_last_lr()[0],
+                        "samples_per_second": samples / max(elapsed, 1e-9),
+                    },
+                    step=state.step,
+                )
                 tick, samples = time.perf_counter(), 0
             if state.step % config.checkpointing.every == 0 or state.step == t.max_steps:
                 save_checkpoint(accelerator, output_dir, state.step, config.checkpointing.keep)
-            if config.validation.every and state.step % config.validation.every == 0 and accelerator.is_main_process:
+            if (
+                config.validation.every
+                and state.step % config.validation.every == 0
+                and accelerator.is_main_process
+            ):
                 with _ema_weights(ema, params):
                     run_validation(pipe, config, state.step, accelerator)
             if state.step >= t.max_steps:
@@ -530,11 +597,18 @@ def main(argv: list[str] | None = None) -> dict:
     """The command line; returns `train`'s result (step, last loss, export folder)."""
     parser = argparse.ArgumentParser(prog="python -m training.train", description="Train one EMO stage.")
     parser.add_argument("--config", required=True, help="stage YAML (training/configs/stage{1,2,3}.yaml)")
-    parser.add_argument("--resume", default=None, help="'latest' (newest checkpoint in output_dir) or a folder")
+    parser.add_argument(
+        "--resume", default=None, help="'latest' (newest checkpoint in output_dir) or a folder"
+    )
     parser.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
     parser.add_argument("--output-dir", default=None, help="override output_dir")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key, e.g. --set train.batch_size=8 (value read as YAML)")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set train.batch_size=8 (value read as YAML)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = list(args.set)
@@ -543,7 +617,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.output_dir is not None:
         overrides.append(f"output_dir={args.output_dir}")
     result = train(load_config(args.config, overrides), resume=args.resume)
-    logger.info("stage done at step %d, loss %.4f, pipeline: %s", result["step"], result["loss"], result["export"])
+    logger.info(
+        "stage done at step %d, loss %.4f, pipeline: %s", result["step"], result["loss"], result["export"]
+    )
     return result
 
 
