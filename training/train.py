@@ -169,16 +169,7 @@ def select_trainable(model: EmoTrainingModel, entries: list[str]) -> list[nn.Par
             params.append(param)
     if not params:
         raise ValueError(f"train.trainable {entries} matches no parameter")
-    for module in model.modules():
-        if isinstance(module, nn.GroupNorm) and module.weight is not None and module.weight.requires_grad:
-            module.register_forward_pre_hook(_contiguous_input)
     return params
-
-
-def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
-    """Work around a PyTorch 2.13 CPU crash: GroupNorm's backward segfaults on a channels-last input that
-    needs no gradient while the norm's weights do (a trainable motion module after frozen layers, stage 3)."""
-    return (args[0].contiguous(), *args[1:])
 
 
 def compute_audio_features(pipe: EmoPipeline, data_root: str, out_dir: Path, fps: float) -> None:

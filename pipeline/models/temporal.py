@@ -91,7 +91,9 @@ class TemporalTransformer(nn.Module):
         y = rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)
         if motion is not None:
             y = torch.cat([rearrange(motion.to(y.dtype), "b n c h w -> b c n h w"), y], dim=2)
-        y = self.proj_in(rearrange(self.norm(y), "b c t h w -> (b h w) t c"))
+        # contiguous: a permuted (channels-last-like) input crashes GroupNorm's CPU backward in torch 2.13
+        # when the norm trains but its input needs no gradient (stage 3: temporal layers after frozen ones)
+        y = self.proj_in(rearrange(self.norm(y.contiguous()), "b c t h w -> (b h w) t c"))
         for block in self.transformer_blocks:
             y = block(y, speed)
         y = self.proj_out(y)[:, -num_frames:]  # keep the clip's frames, drop the motion frames
