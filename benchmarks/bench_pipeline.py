@@ -2,6 +2,7 @@
 
     python benchmarks/bench_pipeline.py --config tiny --device cpu                # the tiny test model
     python benchmarks/bench_pipeline.py --config sd15 --device cuda --dtype fp16  # EMO's size, random weights
+    python benchmarks/bench_pipeline.py --config assets/models/emo-small           # the embedded model
     python benchmarks/bench_pipeline.py --flops                                   # full-size counts, no weights
 
 Results are appended as JSON lines to benchmarks/results.jsonl; RESULTS.md quotes them with the command.
@@ -22,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import CONFIGS, EmoUNet3DModel, ReferenceNet, build_pipeline  # noqa: E402
+from pipeline import CONFIGS, EmoPipeline, EmoUNet3DModel, ReferenceNet, build_pipeline  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -56,8 +57,12 @@ def count_flops(clip_length: int = 12, motion_frames: int = 4, size: int = 512) 
 
 
 def bench(config: str, device: str, dtype: str, clips: int, steps: int, guidance: float) -> dict:
+    """`config`: a size name of `CONFIGS` (random weights) or a saved pipeline folder."""
     torch.manual_seed(0)
-    pipe = build_pipeline(config).to(device, DTYPES[dtype])
+    if Path(config).is_dir():
+        pipe = EmoPipeline.from_pretrained(config, dtype=DTYPES[dtype]).to(device)
+    else:
+        pipe = build_pipeline(config).to(device, DTYPES[dtype])
     pipe.set_progress_bar_config(disable=True)
     size = pipe.default_size
     image = np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
@@ -97,15 +102,18 @@ def bench(config: str, device: str, dtype: str, clips: int, steps: int, guidance
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    parser.add_argument("--config", default="tiny", help=f"{sorted(CONFIGS)} or a pipeline folder")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--clips", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--guidance-scale", type=float, default=3.5)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--flops", action="store_true", help="count full-size parameters and FLOPs only")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.jsonl"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.flops:
         result = {"kind": "flops", **count_flops()}
     else:
