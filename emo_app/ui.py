@@ -49,8 +49,9 @@ FULL_SIZE_HOWTO = """\
 SMALL_MODEL_NOTE = """\
 - **It can** run the whole EMO pipeline on any computer, offline, in seconds to minutes on a CPU: face crop,
   voice features, clip-by-clip diffusion with motion frames, and an mp4 with your sound.
-- **It cannot** look like the paper's videos: it is small and briefly trained, and makes {resolution}×{resolution}
-  pixel frames; expect a blurry face whose lips follow the voice only loosely.
+- **It cannot** animate your portrait yet: it was trained on one face (the example astronaut), so it draws
+  that face whatever photo you give, at {resolution}×{resolution} pixels, with a gently moving head; its audio
+  encoder is untrained, so the lips do not follow the voice. A model trained on real talking videos replaces it.
 """
 
 
