@@ -28,12 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.config import load_config  # noqa: E402
 from training.train import (  # noqa: E402
-    EmoTrainingModel,
+    build_training_model,
     compute_audio_features,
-    load_initial_pipeline,
     make_dataset,
     make_optimizer,
-    select_trainable,
     training_loss,
 )
 
@@ -59,13 +57,7 @@ def benchmark(config, steps: int, warmup: int) -> dict:
 
     t = config.train
     accelerator = Accelerator(mixed_precision=t.mixed_precision)
-    pipe = load_initial_pipeline(config)
-    pipe.to(accelerator.device)
-    model = EmoTrainingModel(pipe)
-    params = select_trainable(model, t.trainable)
-    if t.gradient_checkpointing:
-        pipe.reference_net.enable_gradient_checkpointing()
-        pipe.denoising_unet.enable_gradient_checkpointing()
+    pipe, model, params = build_training_model(config, accelerator.device)
     audio_dir = None
     if config.stage > 1 and config.data.audio_features == "compute":
         audio_dir = Path(config.output_dir) / "audio_features"

@@ -8,8 +8,8 @@ import time
 import wave
 from importlib import metadata
 
-import numpy as np
 import pytest
+from conftest import speech_like
 from PIL import Image
 from skimage import data
 
@@ -22,13 +22,6 @@ AUDIO_SECONDS = 0.6
 AUDIO_RATE = 16_000  # Hz
 FPS = 25
 ONE_FRAME = 1 / FPS  # seconds
-
-
-def speech_like(seconds: float, rate: int) -> np.ndarray:
-    """Voiced harmonics at ~140 Hz, amplitude-modulated at a syllable rate of 4 Hz (float32 mono)."""
-    t = np.arange(round(seconds * rate)) / rate
-    voice = sum(np.sin(2 * np.pi * 140 * k * t) / k for k in range(1, 6))
-    return (0.3 * voice * 0.5 * (1 + np.sin(2 * np.pi * 4 * t))).astype(np.float32)
 
 
 @pytest.fixture(scope="module")

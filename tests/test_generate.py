@@ -2,9 +2,9 @@
 
 import threading
 
-import numpy as np
 import pytest
 import torch
+from conftest import speech_like
 from PIL import Image
 from skimage import data
 
@@ -20,13 +20,6 @@ NUM_FRAMES = 15  # ceil(0.6 s x 25 fps)
 NUM_CLIPS = 2  # 12 + 3 frames
 STEPS = 2
 ONE_FRAME = 1 / FPS  # seconds
-
-
-def speech_like(seconds: float, rate: int) -> np.ndarray:
-    """Voiced harmonics at ~140 Hz, amplitude-modulated at a syllable rate of 4 Hz (float32 mono)."""
-    t = np.arange(round(seconds * rate)) / rate
-    voice = sum(np.sin(2 * np.pi * 140 * k * t) / k for k in range(1, 6))
-    return (0.3 * voice * 0.5 * (1 + np.sin(2 * np.pi * 4 * t))).astype(np.float32)
 
 
 @pytest.fixture(scope="module")

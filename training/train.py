@@ -397,6 +397,20 @@ def export_pipeline(pipe: EmoPipeline, config: Config) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ loop
+def build_training_model(config: Config, device) -> tuple[EmoPipeline, EmoTrainingModel, list[nn.Parameter]]:
+    """The stage's initial pipeline on `device`, its trainable wrapper and the parameters that train."""
+    pipe = load_initial_pipeline(config)
+    pipe.vae.requires_grad_(False)
+    pipe.audio_encoder.requires_grad_(False)
+    pipe.to(device)
+    model = EmoTrainingModel(pipe)
+    params = select_trainable(model, config.train.trainable)
+    if config.train.gradient_checkpointing:
+        pipe.reference_net.enable_gradient_checkpointing()
+        pipe.denoising_unet.enable_gradient_checkpointing()
+    return pipe, model, params
+
+
 def train(config: Config, resume: str | None = None) -> dict:
     """Run (or continue) a stage -> {"step", "loss" (last logged), "export" (folder or None)}."""
     from accelerate import Accelerator, skip_first_batches
@@ -420,15 +434,7 @@ def train(config: Config, resume: str | None = None) -> dict:
     set_seed(t.seed)  # model initialisation (random weights, new layers)
 
     # 1. Model: init, trainable selection, gradient checkpointing
-    pipe = load_initial_pipeline(config)
-    pipe.vae.requires_grad_(False)
-    pipe.audio_encoder.requires_grad_(False)
-    pipe.to(accelerator.device)
-    model = EmoTrainingModel(pipe)
-    params = select_trainable(model, t.trainable)
-    if t.gradient_checkpointing:
-        pipe.reference_net.enable_gradient_checkpointing()
-        pipe.denoising_unet.enable_gradient_checkpointing()
+    pipe, model, params = build_training_model(config, accelerator.device)
     logger.info(
         "stage %d: %.2fM of %.2fM parameters train",
         config.stage,

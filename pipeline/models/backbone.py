@@ -20,7 +20,7 @@ from .attention import AttentionSlicingMixin, Conditions
 from .audio_attention import AUDIO_ATTENTION_TYPES
 from .reference_net import SD15_DOWN_BLOCKS, SD15_UP_BLOCKS
 from .temporal import TemporalTransformer
-from .unet import build_unet, run_unet
+from .unet import build_unet, run_unet, unet_args
 
 
 @dataclass
@@ -62,18 +62,8 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
         audio_cls = AUDIO_ATTENTION_TYPES[audio_attention_type]
         build_unet(
             self,
-            in_channels=in_channels,
+            **unet_args(self.config),
             out_channels=out_channels,
-            down_block_types=tuple(down_block_types),
-            up_block_types=tuple(up_block_types),
-            block_out_channels=tuple(block_out_channels),
-            layers_per_block=layers_per_block,
-            attention_head_dim=attention_head_dim,
-            norm_num_groups=norm_num_groups,
-            norm_eps=norm_eps,
-            transformer_layers_per_block=transformer_layers_per_block,
-            flip_sin_to_cos=flip_sin_to_cos,
-            freq_shift=freq_shift,
             make_audio_attention=lambda c: audio_cls(c, audio_dim, attention_head_dim),
             make_motion=lambda c: TemporalTransformer(
                 c, motion_num_attention_heads, motion_norm_num_groups, motion_max_seq_length, speed_dim

@@ -18,7 +18,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
 from .attention import AttentionSlicingMixin, Conditions
-from .unet import build_unet, run_unet
+from .unet import build_unet, run_unet, unet_args
 
 SD15_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD15_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
@@ -50,21 +50,7 @@ class ReferenceNet(ModelMixin, ConfigMixin, AttentionSlicingMixin):
         freq_shift: int = 0,
     ):
         super().__init__()
-        build_unet(
-            self,
-            in_channels=in_channels,
-            out_channels=None,
-            down_block_types=tuple(down_block_types),
-            up_block_types=tuple(up_block_types),
-            block_out_channels=tuple(block_out_channels),
-            layers_per_block=layers_per_block,
-            attention_head_dim=attention_head_dim,
-            norm_num_groups=norm_num_groups,
-            norm_eps=norm_eps,
-            transformer_layers_per_block=transformer_layers_per_block,
-            flip_sin_to_cos=flip_sin_to_cos,
-            freq_shift=freq_shift,
-        )
+        build_unet(self, **unet_args(self.config), out_channels=None)
 
     def forward(self, sample: torch.Tensor, timestep: float | torch.Tensor = 0) -> ReferenceNetOutput:
         """sample: (n, c, h, w) latents of reference image(s) or motion frames."""

@@ -121,6 +121,19 @@ class UpBlock(_Level):
         return x
 
 
+UNET_ARGS = (
+    "in_channels", "down_block_types", "up_block_types", "block_out_channels", "layers_per_block",
+    "attention_head_dim", "norm_num_groups", "norm_eps", "transformer_layers_per_block", "flip_sin_to_cos",
+    "freq_shift",
+)  # fmt: skip
+
+
+def unet_args(config) -> dict:
+    """The SD 1.5 structure arguments of `build_unet` from a model's registered config."""
+    args = {name: config[name] for name in UNET_ARGS}
+    return args | {k: tuple(args[k]) for k in ("down_block_types", "up_block_types", "block_out_channels")}
+
+
 def build_unet(
     model: nn.Module,
     *,
