@@ -32,6 +32,7 @@ import torch
 from pipeline import EmoPipeline
 from pipeline.audio import Audio, AudioLoadError, load_audio
 from pipeline.face import FaceCrop, NoFaceError, PasteBack, crop_face, face_mask, to_rgb_array
+from pipeline.pipeline_emo import num_video_frames
 
 from .video import VideoWriter
 
@@ -148,7 +149,7 @@ class GenerationResult:
 
 def _frame_count(speech: Audio, fps: float) -> tuple[int, int]:
     """(frames, clips) of the video for `speech`, counted exactly as EmoPipeline counts them."""
-    num_frames = math.ceil(speech.samples.shape[-1] / speech.sampling_rate * fps - 1e-6)
+    num_frames = num_video_frames(speech.samples.shape[-1], speech.sampling_rate, fps)
     return num_frames, math.ceil(num_frames / CLIP_LENGTH)
 
 

@@ -45,6 +45,11 @@ class EmoPipelineOutput(BaseOutput):
     sampling_rate: int
 
 
+def num_video_frames(num_samples: int, sampling_rate: int, fps: float) -> int:
+    """Frames of the video for an audio of `num_samples` at `sampling_rate` Hz: ceil(duration x fps)."""
+    return math.ceil(num_samples / sampling_rate * fps - 1e-6)
+
+
 def combine_guidance(
     preds: Sequence[torch.Tensor], guidance_scale: float, reference_guidance_scale: float
 ) -> torch.Tensor:
@@ -326,7 +331,7 @@ class EmoPipeline(DiffusionPipeline):
         waveform = self.prepare_audio(audio, sampling_rate)
         if len(waveform) == 0:
             raise ValueError("`audio` is empty (0 samples): pass at least one video frame of sound")
-        num_frames = math.ceil(len(waveform) / SAMPLING_RATE * fps - 1e-6)
+        num_frames = num_video_frames(len(waveform), SAMPLING_RATE, fps)
         num_clips = math.ceil(num_frames / clip_length)
         padded_frames = num_clips * clip_length
         speeds = np.atleast_1d(np.asarray(head_speed))
