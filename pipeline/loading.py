@@ -94,16 +94,20 @@ def _derived_configs(cfg: dict, vae_scale: int, unet_channels: int, audio_cfg: W
     """Fill in the sizes that follow from other components (so a config names each size once)."""
     cfg = copy.deepcopy(cfg)
     audio_dim = cfg["backbone"].get("audio_dim", 768)
-    cfg["audio_projection"] = dict(
-        num_layers=audio_cfg.num_hidden_layers + 1,
-        feature_dim=audio_cfg.hidden_size,
-        output_dim=audio_dim,
-    ) | cfg["audio_projection"]
+    cfg["audio_projection"] = (
+        dict(
+            num_layers=audio_cfg.num_hidden_layers + 1,
+            feature_dim=audio_cfg.hidden_size,
+            output_dim=audio_dim,
+        )
+        | cfg["audio_projection"]
+    )
     cfg["speed_encoder"] = dict(output_dim=cfg["backbone"].get("speed_dim", 256)) | cfg["speed_encoder"]
     steps = int(math.log2(vae_scale))
-    cfg["face_locator"] = dict(
-        block_out_channels=tuple(16 * 2**i for i in range(steps + 1)), embedding_channels=unet_channels
-    ) | cfg["face_locator"]
+    cfg["face_locator"] = (
+        dict(block_out_channels=tuple(16 * 2**i for i in range(steps + 1)), embedding_channels=unet_channels)
+        | cfg["face_locator"]
+    )
     return cfg
 
 
@@ -161,7 +165,9 @@ class LoadReport:
                 f"{len(self.new.get(name, []))} new"
             )
         for source, keys in sorted(self.unused.items()):
-            lines.append(f"{source}: {len(keys)} tensors unused ({', '.join(sorted(keys)[:3])}{', ...' if len(keys) > 3 else ''})")
+            lines.append(
+                f"{source}: {len(keys)} tensors unused ({', '.join(sorted(keys)[:3])}{', ...' if len(keys) > 3 else ''})"
+            )
         return "\n".join(lines)
 
 
@@ -181,7 +187,11 @@ def _subfolder(path: Path, name: str) -> Path:
 
 
 def _unet_config_from_sd(config) -> dict:
-    if config.get("use_linear_projection") or config.get("addition_embed_type") or config.get("class_embed_type"):
+    if (
+        config.get("use_linear_projection")
+        or config.get("addition_embed_type")
+        or config.get("class_embed_type")
+    ):
         raise ValueError("unet: only SD 1.x-style UNets (conv projections, no added embeddings) can seed EMO")
     tlpb = config.get("transformer_layers_per_block", 1)
     if not isinstance(tlpb, int):
@@ -202,7 +212,9 @@ def _unet_config_from_sd(config) -> dict:
     )
 
 
-def load_2d_weights(model: torch.nn.Module, source: dict[str, torch.Tensor], name: str, report: LoadReport) -> None:
+def load_2d_weights(
+    model: torch.nn.Module, source: dict[str, torch.Tensor], name: str, report: LoadReport
+) -> None:
     """Copy SD 1.5 UNet tensors into an EMO UNet by name and shape.
 
     Reference-attention keys/values (`attn2.to_k/to_v`) take the place of text cross-attention, whose
@@ -219,7 +231,9 @@ def load_2d_weights(model: torch.nn.Module, source: dict[str, torch.Tensor], nam
             twin = key.replace(".attn2.", ".attn1.")
             if twin in source and source[twin].shape == value.shape:
                 update[key] = source[twin]
-                initialised[key] = f"copy of {twin} (text cross-attention {tuple(source[key].shape)} does not fit)"
+                initialised[key] = (
+                    f"copy of {twin} (text cross-attention {tuple(source[key].shape)} does not fit)"
+                )
     model.load_state_dict(update, strict=False)
     report.loaded.setdefault(name, []).extend(loaded)
     report.initialised.setdefault(name, {}).update(initialised)
@@ -270,7 +284,9 @@ def load_motion_module(
     target = backbone.state_dict()
     mismatched = [k for k in source if k in target and source[k].shape != target[k].shape]
     if mismatched:
-        raise ValueError(f"motion_module: {len(mismatched)} tensors have other shapes than the backbone's, e.g. {mismatched[0]}")
+        raise ValueError(
+            f"motion_module: {len(mismatched)} tensors have other shapes than the backbone's, e.g. {mismatched[0]}"
+        )
     update = {k: v for k, v in source.items() if k in target}
     backbone.load_state_dict(update, strict=False)
     report.loaded.setdefault("denoising_unet", []).extend(sorted(update))

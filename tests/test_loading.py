@@ -97,7 +97,11 @@ def test_every_kept_sd15_and_motion_tensor_loads_with_its_value(base_models, lay
         # every SD tensor is either kept or a named, explained exception
         dropped = {k for k in sd if k not in kept}
         text_kv = {k for k in sd if re.search(r"attn2\.to_[kv]\.", k)}
-        head = {k for k in sd if k.startswith(("conv_norm_out", "conv_out"))} if name == "reference_net" else set()
+        head = (
+            {k for k in sd if k.startswith(("conv_norm_out", "conv_out"))}
+            if name == "reference_net"
+            else set()
+        )
         assert dropped == text_kv | head
         for key in text_kv:  # reference-attention keys/values start as the block's self-attention ones
             twin = key.replace("attn2", "attn1")

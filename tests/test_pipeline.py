@@ -137,7 +137,9 @@ def test_motion_frames_carry_the_previous_clip_into_the_next(tiny_pipe, portrait
     no_motion = dict(num_motion_frames=0)
     base = run(tiny_pipe, portrait, seconds, **no_motion).frames
     nudged = run(tiny_pipe, portrait, seconds, callback_on_step_end=nudge_first_clip, **no_motion).frames
-    np.testing.assert_allclose(base[12:], nudged[12:], atol=1e-6)  # without motion frames clips are independent
+    np.testing.assert_allclose(
+        base[12:], nudged[12:], atol=1e-6
+    )  # without motion frames clips are independent
 
 
 def test_audio_and_head_speed_condition_the_frames(tiny_pipe, portrait):
@@ -241,5 +243,7 @@ def test_default_face_mask_comes_from_the_reference_face(portrait):
     assert 0.05 < mask.mean() < 0.6  # a box around the face, not the whole image
     ys, xs = torch.nonzero(mask, as_tuple=True)
     assert 150 < xs.float().mean() < 300 and 40 < ys.float().mean() < 200  # astronaut's face region
-    flat = pipe.prepare_face_mask(None, __import__("PIL.Image").Image.new("RGB", (64, 64), "gray"), 32, 32, "cpu")
+    flat = pipe.prepare_face_mask(
+        None, __import__("PIL.Image").Image.new("RGB", (64, 64), "gray"), 32, 32, "cpu"
+    )
     assert flat.shape == (1, 1, 32, 32) and flat.min() == 1.0  # no face: all ones (move anywhere)

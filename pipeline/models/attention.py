@@ -143,7 +143,9 @@ class SpatialTransformer(nn.Module):
         self.proj_in = nn.Conv2d(dim, dim, 1)
         self.transformer_blocks = nn.ModuleList(
             [
-                SpatialTransformerBlock(dim, heads, make_audio_attention(dim) if make_audio_attention else None)
+                SpatialTransformerBlock(
+                    dim, heads, make_audio_attention(dim) if make_audio_attention else None
+                )
                 for _ in range(num_layers)
             ]
         )

@@ -37,7 +37,9 @@ class SpeedEncoder(ModelMixin, ConfigMixin):
         self.register_buffer("bucket_centers", torch.tensor(centers, dtype=torch.float32), persistent=False)
         self.register_buffer("bucket_radii", torch.tensor(radii, dtype=torch.float32), persistent=False)
         self.mlp = nn.Sequential(
-            nn.Linear((2 * window + 1) * len(centers), hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, output_dim)
+            nn.Linear((2 * window + 1) * len(centers), hidden_dim),
+            nn.SiLU(),
+            nn.Linear(hidden_dim, output_dim),
         )
 
     def buckets(self, speed: torch.Tensor) -> torch.Tensor:

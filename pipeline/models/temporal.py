@@ -53,7 +53,9 @@ class TemporalTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, speed: torch.Tensor | None) -> torch.Tensor:
         if x.shape[1] > self.pe.shape[1]:
-            raise ValueError(f"temporal sequence of {x.shape[1]} frames exceeds max_frames={self.pe.shape[1]}")
+            raise ValueError(
+                f"temporal sequence of {x.shape[1]} frames exceeds max_frames={self.pe.shape[1]}"
+            )
         pe = self.pe[:, : x.shape[1]].to(x.dtype)
         x = self.attn1(self.norm1(x) + pe) + x
         x = self.attn2(self.norm2(x) + pe) + x
@@ -69,7 +71,9 @@ class TemporalTransformerBlock(nn.Module):
 class TemporalTransformer(nn.Module):
     """A motion module: (b*f, c, h, w) clip frames (+ (b, n, c, h, w) motion frames) -> (b*f, c, h, w)."""
 
-    def __init__(self, dim: int, heads: int, norm_groups: int, max_frames: int, speed_dim: int | None, layers: int = 1):
+    def __init__(
+        self, dim: int, heads: int, norm_groups: int, max_frames: int, speed_dim: int | None, layers: int = 1
+    ):
         super().__init__()
         self.norm = nn.GroupNorm(norm_groups, dim, eps=1e-6)
         self.proj_in = nn.Linear(dim, dim)

@@ -59,11 +59,17 @@ def _resnet(cin: int, cout: int, temb: int, groups: int, eps: float) -> ResnetBl
 
 
 class DownBlock(_Level):
-    def __init__(self, cin, cout, temb, layers, groups, eps, downsample, make_attn: MakeLayer, make_motion: MakeLayer):
+    def __init__(
+        self, cin, cout, temb, layers, groups, eps, downsample, make_attn: MakeLayer, make_motion: MakeLayer
+    ):
         super().__init__()
-        self.resnets = nn.ModuleList([_resnet(cin if j == 0 else cout, cout, temb, groups, eps) for j in range(layers)])
+        self.resnets = nn.ModuleList(
+            [_resnet(cin if j == 0 else cout, cout, temb, groups, eps) for j in range(layers)]
+        )
         self.attentions = nn.ModuleList([make_attn(cout) for _ in range(layers)]) if make_attn else None
-        self.motion_modules = nn.ModuleList([make_motion(cout) for _ in range(layers)]) if make_motion else None
+        self.motion_modules = (
+            nn.ModuleList([make_motion(cout) for _ in range(layers)]) if make_motion else None
+        )
         self.downsamplers = (
             nn.ModuleList([Downsample2D(cout, use_conv=True, out_channels=cout, padding=1, name="op")])
             if downsample
@@ -99,18 +105,34 @@ class MidBlock(_Level):
 
 class UpBlock(_Level):
     def __init__(
-        self, cin, cout, prev, temb, layers, groups, eps, upsample, make_attn: MakeLayer, make_motion: MakeLayer
+        self,
+        cin,
+        cout,
+        prev,
+        temb,
+        layers,
+        groups,
+        eps,
+        upsample,
+        make_attn: MakeLayer,
+        make_motion: MakeLayer,
     ):
         super().__init__()
         self.resnets = nn.ModuleList(
             [
-                _resnet((prev if j == 0 else cout) + (cin if j == layers - 1 else cout), cout, temb, groups, eps)
+                _resnet(
+                    (prev if j == 0 else cout) + (cin if j == layers - 1 else cout), cout, temb, groups, eps
+                )
                 for j in range(layers)
             ]
         )
         self.attentions = nn.ModuleList([make_attn(cout) for _ in range(layers)]) if make_attn else None
-        self.motion_modules = nn.ModuleList([make_motion(cout) for _ in range(layers)]) if make_motion else None
-        self.upsamplers = nn.ModuleList([Upsample2D(cout, use_conv=True, out_channels=cout)]) if upsample else None
+        self.motion_modules = (
+            nn.ModuleList([make_motion(cout) for _ in range(layers)]) if make_motion else None
+        )
+        self.upsamplers = (
+            nn.ModuleList([Upsample2D(cout, use_conv=True, out_channels=cout)]) if upsample else None
+        )
 
     def forward(self, x, skips, temb, cond, upsample_size=None):
         for j in range(len(self.resnets)):
@@ -161,7 +183,9 @@ def build_unet(
     heads = attention_head_dim
 
     def make_attn(c: int) -> SpatialTransformer:
-        return SpatialTransformer(c, heads, transformer_layers_per_block, norm_num_groups, make_audio_attention)
+        return SpatialTransformer(
+            c, heads, transformer_layers_per_block, norm_num_groups, make_audio_attention
+        )
 
     model.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
     model.time_proj = Timesteps(channels[0], flip_sin_to_cos, freq_shift)
