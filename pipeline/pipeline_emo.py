@@ -30,6 +30,17 @@ from .models import AudioProjection, EmoUNet3DModel, FaceLocator, ReferenceNet, 
 logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "none")
+# EMO's settings (paper and open peers); a model folder overrides them with its `generation_defaults`.
+EMO_GENERATION_DEFAULTS = {
+    "num_inference_steps": 40,
+    "guidance_scale": 3.5,
+    "reference_guidance_scale": 1.0,
+    "fps": 25,
+    "clip_length": 12,
+    "num_motion_frames": 4,
+    "head_speed": 1.0,
+}
+GENERATION_DEFAULT_KEYS = tuple(EMO_GENERATION_DEFAULTS)
 
 
 @dataclass
@@ -94,6 +105,7 @@ class EmoPipeline(DiffusionPipeline):
         audio_projection: AudioProjection,
         speed_encoder: SpeedEncoder,
         scheduler: KarrasDiffusionSchedulers,
+        generation_defaults: dict | None = None,
     ):
         super().__init__()
         self.register_modules(
@@ -107,6 +119,7 @@ class EmoPipeline(DiffusionPipeline):
             speed_encoder=speed_encoder,
             scheduler=scheduler,
         )
+        self.register_generation_defaults(**(generation_defaults or {}))
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._interrupt = False
@@ -117,6 +130,26 @@ class EmoPipeline(DiffusionPipeline):
         from .loading import from_base_models
 
         return from_base_models(cls, **kwargs)
+
+    # ------------------------------------------------------------------ per-model defaults
+    def register_generation_defaults(self, **values) -> None:
+        """Store this model's own settings (saved in model_index.json): e.g. `num_inference_steps=20`.
+
+        Keys: `GENERATION_DEFAULT_KEYS`. A value of None removes the key (back to EMO's setting).
+        """
+        unknown = set(values) - set(GENERATION_DEFAULT_KEYS)
+        if unknown:
+            raise ValueError(
+                f"unknown generation defaults {sorted(unknown)}; allowed: {list(GENERATION_DEFAULT_KEYS)}"
+            )
+        current = dict(getattr(self.config, "generation_defaults", None) or {})
+        current.update(values)
+        self.register_to_config(generation_defaults={k: v for k, v in current.items() if v is not None})
+
+    def resolved_defaults(self, **arguments) -> dict:
+        """Settings of a call: the arguments that are not None > the model's defaults > EMO's."""
+        given = {k: v for k, v in arguments.items() if v is not None}
+        return {**EMO_GENERATION_DEFAULTS, **(self.config.generation_defaults or {}), **given}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -149,7 +182,9 @@ class EmoPipeline(DiffusionPipeline):
             if audio.ndim != 1:
                 raise ValueError(f"`audio` array must be 1-D (mono samples), got shape {tuple(audio.shape)}")
             if sampling_rate is None or sampling_rate <= 0:
-                raise ValueError(f"`sampling_rate` must be a positive rate in Hz for array audio, got {sampling_rate}")
+                raise ValueError(
+                    f"`sampling_rate` must be a positive rate in Hz for array audio, got {sampling_rate}"
+                )
             if len(audio) == 0:
                 raise ValueError("`audio` is empty (0 samples): pass at least one video frame of sound")
         else:
@@ -159,7 +194,10 @@ class EmoPipeline(DiffusionPipeline):
                 raise ValueError(f"`{name}` must be a positive multiple of {self.size_multiple}, got {value}")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps}")
-        for name, value in (("guidance_scale", guidance_scale), ("reference_guidance_scale", reference_guidance_scale)):
+        for name, value in (
+            ("guidance_scale", guidance_scale),
+            ("reference_guidance_scale", reference_guidance_scale),
+        ):
             if not isinstance(value, int | float) or value < 0:
                 raise ValueError(f"`{name}` must be a number >= 0, got {value}")
         if not isinstance(fps, int | float) or fps <= 0:
@@ -167,7 +205,9 @@ class EmoPipeline(DiffusionPipeline):
         if not isinstance(clip_length, int) or clip_length < 1:
             raise ValueError(f"`clip_length` must be a positive integer, got {clip_length}")
         if not isinstance(num_motion_frames, int) or not 0 <= num_motion_frames <= clip_length:
-            raise ValueError(f"`num_motion_frames` must be an integer in [0, clip_length={clip_length}], got {num_motion_frames}")
+            raise ValueError(
+                f"`num_motion_frames` must be an integer in [0, clip_length={clip_length}], got {num_motion_frames}"
+            )
         max_frames = self.denoising_unet.config.motion_max_seq_length
         if clip_length + num_motion_frames > max_frames:
             raise ValueError(
@@ -181,7 +221,9 @@ class EmoPipeline(DiffusionPipeline):
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
         unknown = set(callback_on_step_end_tensor_inputs or ()) - set(self._callback_tensor_inputs)
         if unknown:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` may only hold {self._callback_tensor_inputs}, got {sorted(unknown)}")
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` may only hold {self._callback_tensor_inputs}, got {sorted(unknown)}"
+            )
 
     def prepare_audio(self, audio, sampling_rate: int | None) -> np.ndarray:
         """A path or a 1-D array at `sampling_rate` -> float32 mono waveform at 16 kHz."""
@@ -189,7 +231,9 @@ class EmoPipeline(DiffusionPipeline):
 
         if isinstance(audio, torch.Tensor):
             audio = audio.detach().float().cpu().numpy()
-        source = audio if isinstance(audio, str | Path) else (np.asarray(audio, dtype=np.float32), sampling_rate)
+        source = (
+            audio if isinstance(audio, str | Path) else (np.asarray(audio, dtype=np.float32), sampling_rate)
+        )
         return load_audio(source, sampling_rate=SAMPLING_RATE, mono=True).mono
 
     def encode_audio(self, waveform: np.ndarray, num_frames: int, fps: float, device) -> torch.Tensor:
@@ -219,7 +263,9 @@ class EmoPipeline(DiffusionPipeline):
         images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         return self.image_processor.postprocess(images.float(), output_type="np")
 
-    def prepare_face_mask(self, face_mask, image: PIL.Image.Image, height: int, width: int, device) -> torch.Tensor:
+    def prepare_face_mask(
+        self, face_mask, image: PIL.Image.Image, height: int, width: int, device
+    ) -> torch.Tensor:
         """The face-region mask (1, 1, H, W): given, or from the reference's face box (all ones if none found)."""
         if face_mask is None:
             from .face import NoFaceError, detect_face
@@ -228,16 +274,30 @@ class EmoPipeline(DiffusionPipeline):
             try:
                 mask = box_mask(detect_face(np.asarray(image), warn_multiple=False), (width, height))
             except NoFaceError:
-                logger.warning("No face found in the reference image: the face may move anywhere (all-ones mask).")
+                logger.warning(
+                    "No face found in the reference image: the face may move anywhere (all-ones mask)."
+                )
                 mask = np.ones((height, width), np.float32)
         elif isinstance(face_mask, PIL.Image.Image):
-            mask = np.asarray(face_mask.convert("L").resize((width, height), PIL.Image.NEAREST), np.float32) / 255.0
+            mask = (
+                np.asarray(face_mask.convert("L").resize((width, height), PIL.Image.NEAREST), np.float32)
+                / 255.0
+            )
         else:
-            mask = torch.as_tensor(np.asarray(face_mask) if not isinstance(face_mask, torch.Tensor) else face_mask)
+            mask = torch.as_tensor(
+                np.asarray(face_mask) if not isinstance(face_mask, torch.Tensor) else face_mask
+            )
             if mask.ndim != 2:
                 raise ValueError(f"`face_mask` must be a 2-D (H, W) mask, got shape {tuple(mask.shape)}")
-            mask = torch.nn.functional.interpolate(mask.float()[None, None], size=(height, width), mode="nearest")[0, 0]
-        return torch.as_tensor(np.asarray(mask), dtype=torch.float32).reshape(1, 1, height, width).clamp(0, 1).to(device)
+            mask = torch.nn.functional.interpolate(
+                mask.float()[None, None], size=(height, width), mode="nearest"
+            )[0, 0]
+        return (
+            torch.as_tensor(np.asarray(mask), dtype=torch.float32)
+            .reshape(1, 1, height, width)
+            .clamp(0, 1)
+            .to(device)
+        )
 
     def _branches(self, guidance_scale: float, reference_guidance_scale: float) -> list[tuple[bool, bool]]:
         """(use reference, use audio) per classifier-free guidance branch, in `combine_guidance` order."""
@@ -254,7 +314,10 @@ class EmoPipeline(DiffusionPipeline):
 
         def run(selected: list[tuple[bool, bool]]) -> list[torch.Tensor]:
             n = len(selected)
-            ref = {k: torch.cat([v if use_ref else torch.zeros_like(v) for use_ref, _ in selected]) for k, v in reference.items()}
+            ref = {
+                k: torch.cat([v if use_ref else torch.zeros_like(v) for use_ref, _ in selected])
+                for k, v in reference.items()
+            }
             aud = torch.cat([audio if use_audio else torch.zeros_like(audio) for _, use_audio in selected])
             out = unet(
                 latents.to(unet.dtype).repeat(n, 1, 1, 1, 1),
@@ -279,15 +342,15 @@ class EmoPipeline(DiffusionPipeline):
         audio: str | Path | np.ndarray | torch.Tensor,
         sampling_rate: int | None = None,
         face_mask: PIL.Image.Image | np.ndarray | torch.Tensor | None = None,
-        head_speed: float | Sequence[float] = 1.0,
-        num_inference_steps: int = 40,
-        guidance_scale: float = 3.5,
-        reference_guidance_scale: float = 1.0,
+        head_speed: float | Sequence[float] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        reference_guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
-        fps: float = 25,
-        clip_length: int = 12,
-        num_motion_frames: int = 4,
+        fps: float | None = None,
+        clip_length: int | None = None,
+        num_motion_frames: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         eta: float = 0.0,
         output_type: str = "pil",
@@ -297,6 +360,10 @@ class EmoPipeline(DiffusionPipeline):
         callback_on_clip_end: Callable[[EmoPipeline, int, int, np.ndarray], None] | None = None,
     ) -> EmoPipelineOutput | tuple:
         r"""Generate a video as long as the audio: ceil(duration x fps) frames, made clip by clip.
+
+        Settings left as None (head_speed, num_inference_steps, guidance_scale, reference_guidance_scale, fps,
+        clip_length, num_motion_frames) take the model folder's `generation_defaults`, else EMO's values
+        (`EMO_GENERATION_DEFAULTS`); `resolved_defaults()` shows the result.
 
         Args:
             reference_image: the portrait (a square face crop works best; resized to height x width).
@@ -316,7 +383,17 @@ class EmoPipeline(DiffusionPipeline):
             callback_on_clip_end: `(pipe, clip_index, num_clips, frames)` with frames (f, H, W, 3) uint8,
                 called as soon as a clip is decoded (the last clip is cut to the audio's length).
         """
-        # 1. Check inputs
+        # 1. Check inputs (settings left as None come from the model folder, then from EMO's defaults)
+        settings = self.resolved_defaults(
+            head_speed=head_speed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            reference_guidance_scale=reference_guidance_scale, fps=fps, clip_length=clip_length,
+            num_motion_frames=num_motion_frames,
+        )  # fmt: skip
+        head_speed, num_inference_steps, guidance_scale = (
+            settings[k] for k in ("head_speed", "num_inference_steps", "guidance_scale")
+        )
+        reference_guidance_scale, fps = settings["reference_guidance_scale"], settings["fps"]
+        clip_length, num_motion_frames = settings["clip_length"], settings["num_motion_frames"]
         height = height or self.default_size
         width = width or self.default_size
         self.check_inputs(
@@ -394,7 +471,9 @@ class EmoPipeline(DiffusionPipeline):
                         )
                     progress_bar.update()
                 if self._interrupt:
-                    logger.info("Interrupted: keeping the %d frames of the finished clips.", sum(map(len, kept)))
+                    logger.info(
+                        "Interrupted: keeping the %d frames of the finished clips.", sum(map(len, kept))
+                    )
                     break
 
                 # 5c. Decode; the last n latents become the next clip's motion frames
