@@ -48,19 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", required=True, help="output video, .mp4")
     add_model_options(gen)
     gen.add_argument(
-        "--steps", type=int, default=40, help="denoising steps per clip (default 40; < 20 artifacts)"
+        "--steps", type=int, help="denoising steps per clip (default: the model's, EMO 40; < 20 artifacts)"
     )
     gen.add_argument(
-        "--guidance-scale", type=float, default=3.5, help="audio guidance (default 3.5; 1 = off)"
+        "--guidance-scale", type=float, help="audio guidance (default: the model's, EMO 3.5; 1 = off)"
     )
     gen.add_argument(
         "--speed",
         type=float,
-        default=1.0,
-        help="head motion, degrees/frame (speech 0.1-1.0, singing 1.0-1.3)",
+        help="head motion, degrees/frame (speech 0.1-1.0, singing 1.0-1.3; default: the model's, EMO 1.0)",
     )
     gen.add_argument("--seed", type=int, help="random seed (default: random, printed)")
-    gen.add_argument("--fps", type=float, default=25, help="frames per second (default 25)")
+    gen.add_argument("--fps", type=float, help="frames per second (default: the model's, EMO 25)")
     gen.add_argument(
         "--paste-back", action="store_true", help="paste the animated face back into the whole photo"
     )
@@ -114,7 +113,7 @@ def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .generate import GenerationSettings, prepare_inputs, render
-    from .models import load_pipeline
+    from .models import load_pipeline, model_defaults, resolve_model
 
     settings = GenerationSettings(
         steps=args.steps,
@@ -125,9 +124,11 @@ def _generate(args: argparse.Namespace) -> int:
         paste_back=args.paste_back,
         max_duration=args.max_duration,
     )
+    path = resolve_model(args.model)
+    settings = settings.with_model_defaults(model_defaults(path))
     with _native_stderr_silenced():
         inputs = prepare_inputs(args.image, args.audio, settings, limit_hint="--max-duration")
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, low_vram=args.low_vram)
+    pipe = load_pipeline(path, device=args.device, dtype=args.dtype, low_vram=args.low_vram)
     pipe.set_progress_bar_config(disable=True)
     with tqdm(total=inputs.num_clips * settings.steps, unit="step", dynamic_ncols=True) as bar:
 

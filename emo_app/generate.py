@@ -22,7 +22,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,6 @@ from .video import VideoWriter
 
 MODEL_SAMPLING_RATE = 16_000  # Hz: wav2vec2's input rate
 CROP_SIZE = 512  # pixels: side of the face crop (EMO's training crops); the pipeline resizes to its own size
-CLIP_LENGTH = 12  # frames generated per clip (EMO's f = 12)
 MIN_IMAGE_SIDE = 64  # pixels: below this, a photo has too little face to animate
 
 ProgressCallback = Callable[[int, int, int, int], None]
@@ -60,23 +59,28 @@ class InputError(ValueError):
 class GenerationSettings:
     """How to generate.
 
+    The model settings (steps, guidance_scale, head_speed, fps, clip_length) left as None take the model's own
+    defaults (`with_model_defaults`: the model folder's `generation_defaults`, else EMO's values).
+
     Attributes:
-        steps: DDIM steps per clip (EMO: 40; fewer than 20 give artifacts).
+        steps: denoising steps per clip (EMO: 40 DDIM steps; fewer than 20 give artifacts).
         guidance_scale: classifier-free guidance on the audio (1 disables it; 3.5 as the open peers).
         head_speed: head rotation speed, degrees per frame (speech 0.1-1.0, singing 1.0-1.3, > 1.5 jittery).
         seed: random seed; None draws one, reported back in `GenerationResult.seed`.
         fps: frames per second of the video.
+        clip_length: frames generated per clip (EMO's f = 12).
         paste_back: paste the generated face crop back into the full photo (video of the photo's size).
         max_duration: longest accepted audio, seconds.
         crop_margin: space around the face box on each side, as a fraction of the box side.
         mask_expand: scale of the face box that bounds where the face may move (face-locator mask).
     """
 
-    steps: int = 40
-    guidance_scale: float = 3.5
-    head_speed: float = 1.0
+    steps: int | None = None
+    guidance_scale: float | None = None
+    head_speed: float | None = None
     seed: int | None = None
-    fps: float = 25
+    fps: float | None = None
+    clip_length: int | None = None
     paste_back: bool = False
     max_duration: float = 60.0
     crop_margin: float = field(default_factory=lambda: _default(crop_face, "margin"))
@@ -84,10 +88,23 @@ class GenerationSettings:
 
     def __post_init__(self) -> None:
         checks = (
-            ("steps", isinstance(self.steps, int) and self.steps >= 1, "a whole number >= 1"),
-            ("guidance_scale", self.guidance_scale >= 0, "a number >= 0"),
-            ("head_speed", 0 <= self.head_speed <= 10, "degrees per frame in [0, 10] (usually 0.1-1.3)"),
-            ("fps", 0 < self.fps <= 120, "frames per second in (0, 120]"),
+            (
+                "steps",
+                self.steps is None or (isinstance(self.steps, int) and self.steps >= 1),
+                "a whole number >= 1",
+            ),
+            ("guidance_scale", self.guidance_scale is None or self.guidance_scale >= 0, "a number >= 0"),
+            (
+                "head_speed",
+                self.head_speed is None or 0 <= self.head_speed <= 10,
+                "degrees per frame in [0, 10] (usually 0.1-1.3)",
+            ),
+            ("fps", self.fps is None or 0 < self.fps <= 120, "frames per second in (0, 120]"),
+            (
+                "clip_length",
+                self.clip_length is None or (isinstance(self.clip_length, int) and self.clip_length >= 1),
+                "a whole number of frames >= 1",
+            ),
             ("max_duration", self.max_duration > 0, "seconds > 0"),
             ("crop_margin", self.crop_margin >= 0, "a fraction >= 0 of the face box"),
             ("mask_expand", self.mask_expand >= 1, "a box scale >= 1"),
@@ -97,6 +114,32 @@ class GenerationSettings:
                 raise InputError(f"{name} must be {expected}, got {getattr(self, name)!r}.")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InputError(f"seed must be a whole number in [0, 2^63), got {self.seed!r}.")
+
+    def with_model_defaults(self, defaults: dict) -> GenerationSettings:
+        """These settings with every model setting left as None taken from `defaults`
+        (`EmoPipeline.resolved_defaults()` or `emo_app.models.model_defaults(path)`)."""
+        return replace(
+            self,
+            steps=self.steps if self.steps is not None else defaults["num_inference_steps"],
+            guidance_scale=self.guidance_scale
+            if self.guidance_scale is not None
+            else defaults["guidance_scale"],
+            head_speed=self.head_speed if self.head_speed is not None else defaults["head_speed"],
+            fps=self.fps if self.fps is not None else defaults["fps"],
+            clip_length=self.clip_length if self.clip_length is not None else defaults["clip_length"],
+        )
+
+    def require_resolved(self) -> None:
+        """Raise when a model setting is still None (call `with_model_defaults` first)."""
+        missing = [
+            k
+            for k in ("steps", "guidance_scale", "head_speed", "fps", "clip_length")
+            if getattr(self, k) is None
+        ]
+        if missing:
+            raise ValueError(
+                f"settings {missing} are not resolved: call with_model_defaults(pipe.resolved_defaults())"
+            )
 
 
 @dataclass
@@ -109,7 +152,7 @@ class PreparedInputs:
         mask: face-locator mask of the crop, float32 (CROP_SIZE, CROP_SIZE) of 0 and 1.
         speech: the audio as 16 kHz mono (what the model hears).
         audio_path: the original audio file (what the video plays).
-        num_frames: video frames, ceil(duration x fps); num_clips: clips of CLIP_LENGTH frames.
+        num_frames: video frames, ceil(duration x fps); num_clips: clips of `settings.clip_length` frames.
     """
 
     original: np.ndarray
@@ -147,10 +190,11 @@ class GenerationResult:
     cancelled: bool
 
 
-def _frame_count(speech: Audio, fps: float) -> tuple[int, int]:
+def _frame_count(speech: Audio, settings: GenerationSettings) -> tuple[int, int]:
     """(frames, clips) of the video for `speech`, counted exactly as EmoPipeline counts them."""
-    num_frames = num_video_frames(speech.samples.shape[-1], speech.sampling_rate, fps)
-    return num_frames, math.ceil(num_frames / CLIP_LENGTH)
+    settings.require_resolved()
+    num_frames = num_video_frames(speech.samples.shape[-1], speech.sampling_rate, settings.fps)
+    return num_frames, math.ceil(num_frames / settings.clip_length)
 
 
 def load_speech(
@@ -196,7 +240,10 @@ def prepare_inputs(
     *,
     limit_hint: str = "max_duration",
 ) -> PreparedInputs:
-    """Read and check the portrait and the audio; crop the face. Raises InputError naming the problem."""
+    """Read and check the portrait and the audio; crop the face. Raises InputError naming the problem.
+
+    `settings` must be resolved (`GenerationSettings.with_model_defaults`): fps and clip length count the frames.
+    """
     original = load_image(image)
     try:
         crop = crop_face(original, size=CROP_SIZE, margin=settings.crop_margin)
@@ -204,7 +251,7 @@ def prepare_inputs(
         raise InputError(str(error)) from error
     mask = face_mask(crop.face_box_in_crop, (CROP_SIZE, CROP_SIZE), expand=settings.mask_expand)
     speech = load_speech(audio_path, settings, limit_hint=limit_hint)
-    num_frames, num_clips = _frame_count(speech, settings.fps)
+    num_frames, num_clips = _frame_count(speech, settings)
     return PreparedInputs(original, crop, mask, speech, Path(audio_path), num_frames, num_clips)
 
 
@@ -218,7 +265,7 @@ def estimate(
     """What a run will make, before making it: {"duration_s" (seconds of audio), "num_frames", "num_clips",
     "resolution" (frame side of the model, pixels)}. Raises InputError for unusable audio."""
     speech = load_speech(audio_path, settings, limit_hint=limit_hint)
-    num_frames, num_clips = _frame_count(speech, settings.fps)
+    num_frames, num_clips = _frame_count(speech, settings.with_model_defaults(pipe.resolved_defaults()))
     return {
         "duration_s": speech.duration,
         "num_frames": num_frames,
@@ -236,7 +283,8 @@ def render(
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
 ) -> GenerationResult:
-    """Generate the video of prepared inputs into `output_path` (see `generate`)."""
+    """Generate the video of prepared inputs into `output_path` (see `generate`); `settings` resolved."""
+    settings.require_resolved()
     start = time.perf_counter()
     output_path = Path(output_path)
     if output_path.is_dir() or output_path.suffix.lower() != ".mp4":
@@ -267,7 +315,7 @@ def render(
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance_scale,
                 fps=settings.fps,
-                clip_length=CLIP_LENGTH,
+                clip_length=settings.clip_length,
                 generator=torch.Generator("cpu").manual_seed(seed),
                 output_type="none",
                 callback_on_step_end=on_step,
@@ -312,6 +360,6 @@ def generate(
     Raises:
         InputError: no face, unreadable image or audio, audio too long, bad setting.
     """
-    settings = settings or GenerationSettings()
+    settings = (settings or GenerationSettings()).with_model_defaults(pipe.resolved_defaults())
     inputs = prepare_inputs(image, audio_path, settings)
     return render(pipe, inputs, output_path, settings, progress=progress, cancel=cancel)

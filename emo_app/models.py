@@ -7,6 +7,7 @@ and the UI can tell a person what the model can and cannot do.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -58,6 +59,18 @@ def resolve_model(model: str | os.PathLike | None) -> str:
         raise ModelError(
             f"model '{model}' is not a local folder and could not be downloaded: {reason}"
         ) from error
+
+
+def model_defaults(path: str | os.PathLike) -> dict:
+    """The generation settings of the pipeline folder `path` (its `generation_defaults` over EMO's), read from
+    model_index.json without loading the model."""
+    from pipeline.pipeline_emo import EMO_GENERATION_DEFAULTS
+
+    try:
+        index = json.loads((Path(path) / "model_index.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot read {Path(path) / 'model_index.json'}: {error}") from error
+    return {**EMO_GENERATION_DEFAULTS, **(index.get("generation_defaults") or {})}
 
 
 def default_device() -> str:

@@ -90,7 +90,7 @@ def build_demo(
     model_info: `emo_app.models.describe_model(pipe, path)`. run_on_device: a decorator for the event handler that
     runs the model (on Hugging Face ZeroGPU Spaces, `spaces.GPU(duration=...)`).
     """
-    defaults = GenerationSettings()
+    defaults = GenerationSettings().with_model_defaults(pipe.resolved_defaults())
     outputs = tempfile.TemporaryDirectory(prefix="emo-app-")  # one video per session; removed at exit
     model_lock = threading.Lock()
     cancel_flags: dict[str, threading.Event] = {}  # session -> the flag its running generation watches
@@ -139,7 +139,9 @@ def build_demo(
 
         cancel = cancel_flags[request.session_hash] = threading.Event()
         try:
-            settings = settings_from(steps, guidance, head_speed, seed, random_seed, paste_back, max_length)
+            settings = settings_from(
+                steps, guidance, head_speed, seed, random_seed, paste_back, max_length
+            ).with_model_defaults(pipe.resolved_defaults())
             plan = estimate(pipe, audio, settings)
             progress(0, desc=f"Starting: {estimate_markdown(plan, settings.steps).replace('**', '')}")
             with model_lock:

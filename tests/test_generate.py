@@ -141,6 +141,26 @@ def test_settings_out_of_range_raise_input_error_naming_the_field(field, value):
         GenerationSettings(**{field: value})
 
 
+def test_settings_left_unset_take_the_models_defaults(files, tmp_path):
+    portrait, speech, _ = files
+    pipe = build_pipeline("tiny")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.register_generation_defaults(num_inference_steps=1, clip_length=8, fps=20)
+    calls = []
+    result = generate(
+        pipe,
+        portrait,
+        speech,
+        tmp_path / "out.mp4",
+        GenerationSettings(seed=0),
+        progress=lambda *a: calls.append(a),
+    )
+    assert result.num_frames == 12  # 0.6 s at the model's 20 fps
+    assert calls == [(0, 2, 1, 1), (1, 2, 1, 1)]  # 2 clips of 8 frames, 1 step each
+    explicit = GenerationSettings(steps=2, fps=25).with_model_defaults(pipe.resolved_defaults())
+    assert (explicit.steps, explicit.fps, explicit.clip_length) == (2, 25, 8)
+
+
 def test_settings_take_crop_and_mask_defaults_from_pipeline_face():
     settings = GenerationSettings()
     assert (settings.crop_margin, settings.mask_expand) == (0.6, 1.2)

@@ -182,6 +182,25 @@ def test_save_and_load_round_trip_gives_identical_frames(tiny_pipe, portrait, tm
     np.testing.assert_array_equal(before, run(loaded, portrait, 0.6).frames)
 
 
+def test_model_folder_generation_defaults_drive_a_call_and_survive_save(portrait, tmp_path):
+    pipe = tiny_pipeline()
+    pipe.register_generation_defaults(fps=10, clip_length=4, num_motion_frames=2, num_inference_steps=3)
+    pipe.save_pretrained(tmp_path / "model")
+    loaded = EmoPipeline.from_pretrained(tmp_path / "model")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.resolved_defaults()["clip_length"] == 4
+    assert loaded.resolved_defaults(clip_length=6)["clip_length"] == 6  # an argument wins
+    steps = []
+    out = loaded(
+        portrait, speech_like(1.0), sampling_rate=16_000, face_mask=MASK, output_type="np",
+        callback_on_step_end=lambda p, i, t, kw: steps.append(i) or kw,
+    )  # fmt: skip
+    assert out.fps == 10 and out.frames.shape[0] == 10  # 1 s at the model's 10 fps
+    assert steps == list(range(3 * 3))  # ceil(10 / 4) = 3 clips x the model's 3 steps
+    with pytest.raises(ValueError, match="unknown generation defaults"):
+        loaded.register_generation_defaults(steps=3)
+
+
 def test_fp16_variant_and_dtype_round_trip(tiny_pipe, portrait, tmp_path):
     tiny_pipe.save_pretrained(tmp_path / "model", variant="fp16")
     assert (tmp_path / "model" / "denoising_unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
