@@ -33,6 +33,7 @@ from pipeline import EmoPipeline
 from pipeline.audio import Audio, AudioLoadError, load_audio
 from pipeline.face import FaceCrop, NoFaceError, PasteBack, crop_face, face_mask, to_rgb_array
 from pipeline.pipeline_emo import num_video_frames
+from pipeline.presets import PRESETS
 
 from .video import VideoWriter
 
@@ -63,7 +64,9 @@ class GenerationSettings:
     defaults (`with_model_defaults`: the model folder's `generation_defaults`, else EMO's values).
 
     Attributes:
-        steps: denoising steps per clip (EMO: 40 DDIM steps; fewer than 20 give artifacts).
+        preset: "quality", "balanced" or "fast" (`pipeline.presets`: sampler, steps, guided steps); None: the
+            model's own (its `generation_defaults`).
+        steps: denoising steps per clip (EMO: 40 DDIM steps); None: the preset's or the model's.
         guidance_scale: classifier-free guidance on the audio (1 disables it; 3.5 as the open peers).
         head_speed: head rotation speed, degrees per frame (speech 0.1-1.0, singing 1.0-1.3, > 1.5 jittery).
         seed: random seed; None draws one, reported back in `GenerationResult.seed`.
@@ -75,6 +78,7 @@ class GenerationSettings:
         mask_expand: scale of the face box that bounds where the face may move (face-locator mask).
     """
 
+    preset: str | None = None
     steps: int | None = None
     guidance_scale: float | None = None
     head_speed: float | None = None
@@ -109,6 +113,8 @@ class GenerationSettings:
             ("crop_margin", self.crop_margin >= 0, "a fraction >= 0 of the face box"),
             ("mask_expand", self.mask_expand >= 1, "a box scale >= 1"),
         )
+        if self.preset is not None and self.preset not in PRESETS:
+            raise InputError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}.")
         for name, ok, expected in checks:
             if not ok:
                 raise InputError(f"{name} must be {expected}, got {getattr(self, name)!r}.")
@@ -118,9 +124,17 @@ class GenerationSettings:
     def with_model_defaults(self, defaults: dict) -> GenerationSettings:
         """These settings with every model setting left as None taken from `defaults`
         (`EmoPipeline.resolved_defaults()` or `emo_app.models.model_defaults(path)`)."""
+        preset = self.preset if self.preset is not None else defaults.get("preset")
+        if self.steps is not None:
+            steps = self.steps
+        elif self.preset is not None:
+            steps = PRESETS[self.preset].num_inference_steps
+        else:
+            steps = defaults["num_inference_steps"]
         return replace(
             self,
-            steps=self.steps if self.steps is not None else defaults["num_inference_steps"],
+            preset=preset,
+            steps=steps,
             guidance_scale=self.guidance_scale
             if self.guidance_scale is not None
             else defaults["guidance_scale"],
@@ -313,6 +327,7 @@ def render(
                 face_mask=inputs.mask,
                 head_speed=settings.head_speed,
                 num_inference_steps=settings.steps,
+                preset=settings.preset,
                 guidance_scale=settings.guidance_scale,
                 fps=settings.fps,
                 clip_length=settings.clip_length,

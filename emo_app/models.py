@@ -61,16 +61,16 @@ def resolve_model(model: str | os.PathLike | None) -> str:
         ) from error
 
 
-def model_defaults(path: str | os.PathLike) -> dict:
-    """The generation settings of the pipeline folder `path` (its `generation_defaults` over EMO's), read from
-    model_index.json without loading the model."""
-    from pipeline.pipeline_emo import EMO_GENERATION_DEFAULTS
+def model_defaults(path: str | os.PathLike, preset: str | None = None) -> dict:
+    """The generation settings of the pipeline folder `path` (its `generation_defaults` over EMO's; `preset`,
+    when given, over both), read from model_index.json without loading the model."""
+    from pipeline.pipeline_emo import resolve_settings
 
     try:
         index = json.loads((Path(path) / "model_index.json").read_text())
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot read {Path(path) / 'model_index.json'}: {error}") from error
-    return {**EMO_GENERATION_DEFAULTS, **(index.get("generation_defaults") or {})}
+    return resolve_settings(index.get("generation_defaults"), preset=preset)
 
 
 def default_device() -> str:

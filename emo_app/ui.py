@@ -18,6 +18,8 @@ from pathlib import Path
 import gradio as gr
 import torch
 
+from pipeline.presets import PRESETS
+
 from .generate import GenerationResult, GenerationSettings, InputError, estimate, generate
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,10 @@ A portrait and a voice become a video of that face speaking or singing
 file or record one. **3.** Press **Generate**. Or click the example below the inputs first.
 """
 
+MODEL_PRESET = "model default"
+PRESET_INFO = (
+    "quality: 40 DDIM steps · balanced: 20 DPM-Solver++ steps · fast: 10 steps, guidance on the first 5."
+)
 NO_AUDIO_YET = "Add a voice to see how long the video will be."
 
 FULL_SIZE_HOWTO = """\
@@ -97,9 +103,10 @@ def build_demo(
     progress_tracker = gr.Progress()
 
     def settings_from(
-        steps, guidance, head_speed, seed, random_seed, paste_back, max_length
+        steps, guidance, head_speed, seed, random_seed, paste_back, max_length, preset=MODEL_PRESET
     ) -> GenerationSettings:
         return GenerationSettings(
+            preset=None if preset in (None, MODEL_PRESET) else preset,
             steps=int(steps),
             guidance_scale=float(guidance),
             head_speed=float(head_speed),
@@ -107,6 +114,10 @@ def build_demo(
             paste_back=bool(paste_back),
             max_duration=float(max_length),
         )
+
+    def preset_steps(name: str) -> int:
+        """The steps slider follows the chosen preset (the model's own steps for "model default")."""
+        return PRESETS[name].num_inference_steps if name in PRESETS else defaults.steps
 
     def video_path(request: gr.Request) -> Path:
         return Path(outputs.name) / request.session_hash / "emo.mp4"
@@ -124,7 +135,7 @@ def build_demo(
     @run_on_device
     def run(
         image, audio, steps, guidance, head_speed, seed, random_seed, paste_back, max_length,
-        request: gr.Request, progress=progress_tracker,
+        preset=MODEL_PRESET, request: gr.Request = None, progress=progress_tracker,
     ):  # fmt: skip
         if image is None:
             raise gr.Error(
@@ -140,7 +151,7 @@ def build_demo(
         cancel = cancel_flags[request.session_hash] = threading.Event()
         try:
             settings = settings_from(
-                steps, guidance, head_speed, seed, random_seed, paste_back, max_length
+                steps, guidance, head_speed, seed, random_seed, paste_back, max_length, preset
             ).with_model_defaults(pipe.resolved_defaults())
             plan = estimate(pipe, audio, settings)
             progress(0, desc=f"Starting: {estimate_markdown(plan, settings.steps).replace('**', '')}")
@@ -197,6 +208,8 @@ def build_demo(
                     EXAMPLES, inputs=[image, audio], label="Example: click to use it", cache_examples=False
                 )
                 with gr.Accordion("Advanced", open=False):
+                    preset = gr.Dropdown([MODEL_PRESET, *PRESETS], value=MODEL_PRESET, label="Speed preset",
+                                         info=PRESET_INFO)  # fmt: skip
                     steps = gr.Slider(1, 100, value=defaults.steps, step=1, label="Denoising steps per clip",
                                       info="EMO uses 40; fewer than 20 give artifacts.")  # fmt: skip
                     guidance = gr.Slider(1, 10, value=defaults.guidance_scale, step=0.5, label="Audio guidance",
@@ -218,9 +231,11 @@ def build_demo(
         gr.on([audio.change, steps.change, max_length.change], show_estimate, [audio, steps, max_length],
               estimate_text, queue=False, show_progress="hidden", trigger_mode="always_last",
               api_visibility="private")  # fmt: skip
+        preset.change(preset_steps, preset, steps, queue=False, show_progress="hidden",
+                      api_visibility="private")  # fmt: skip
         generation = generate_button.click(
             run,
-            [image, audio, steps, guidance, head_speed, seed, random_seed, paste_back, max_length],
+            [image, audio, steps, guidance, head_speed, seed, random_seed, paste_back, max_length, preset],
             [video, result],
             api_name="generate",
             show_progress_on=video,

@@ -44,7 +44,20 @@ def wav2vec_frame_features(
     for start, end in zip(starts, bounds, strict=True):
         out = audio_encoder(values[:, start:end].to(device, dtype), output_hidden_states=True)
         hidden.append(torch.stack(out.hidden_states[-num_layers:], dim=1))  # (1, layers, t, d)
-    states = torch.cat(hidden, dim=2).float()
+    return resample_states(torch.cat(hidden, dim=2).float(), num_frames)[0]
+
+
+def resample_states(states: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(b, layers, t, d) encoder states at 50 Hz -> (b, num_frames, layers, d), linear interpolation."""
     layers = states.shape[1]
-    states = F.interpolate(rearrange(states, "1 l t d -> 1 (l d) t"), size=num_frames, mode="linear")
-    return rearrange(states, "1 (l d) f -> f l d", l=layers)
+    states = F.interpolate(rearrange(states, "b l t d -> b (l d) t"), size=num_frames, mode="linear")
+    return rearrange(states, "b (l d) f -> b f l d", l=layers)
+
+
+def frame_features(
+    audio_encoder, input_values: torch.Tensor, num_frames: int, num_layers: int
+) -> torch.Tensor:
+    """Differentiable version for training an audio encoder: normalised waveforms (b, samples) covering
+    exactly `num_frames` video frames -> (b, num_frames, num_layers, hidden)."""
+    out = audio_encoder(input_values, output_hidden_states=True)
+    return resample_states(torch.stack(out.hidden_states[-num_layers:], dim=1).float(), num_frames)

@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-from .models import AudioProjection, EmoUNet3DModel, FaceLocator, ReferenceNet, SpeedEncoder
+from .models import AudioProjection, EmoUNet3DModel, FaceLocator, MelAudioEncoder, ReferenceNet, SpeedEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ CONFIGS: dict[str, dict] = {
 }
 
 
-def _derived_configs(cfg: dict, vae_scale: int, unet_channels: int, audio_cfg: Wav2Vec2Config) -> dict:
+def _derived_configs(cfg: dict, vae_scale: int, unet_channels: int, audio_cfg) -> dict:
     """Fill in the sizes that follow from other components (so a config names each size once)."""
     cfg = copy.deepcopy(cfg)
     audio_dim = cfg["backbone"].get("audio_dim", 768)
@@ -118,7 +118,13 @@ def build_pipeline(config: str | dict = "tiny", pipeline_cls=None):
     pipeline_cls = pipeline_cls or EmoPipeline
     cfg = copy.deepcopy(CONFIGS[config] if isinstance(config, str) else config)
     vae = AutoencoderKL(**cfg["vae"])
-    audio_cfg = Wav2Vec2Config(**cfg["audio_encoder"])
+    # audio_encoder: wav2vec2 sizes, or {"type": "mel", ...} for the small log-mel encoder
+    audio_kwargs = dict(cfg["audio_encoder"])
+    if audio_kwargs.pop("type", "wav2vec2") == "mel":
+        audio_encoder = MelAudioEncoder(**audio_kwargs)
+    else:
+        audio_encoder = Wav2Vec2Model(Wav2Vec2Config(**audio_kwargs))
+    audio_cfg = audio_encoder.config
     unet_cfg = cfg["unet"]
     reference_net = ReferenceNet(**unet_cfg)
     denoising_unet = EmoUNet3DModel(**unet_cfg, **cfg["backbone"])
@@ -129,7 +135,7 @@ def build_pipeline(config: str | dict = "tiny", pipeline_cls=None):
         reference_net=reference_net,
         denoising_unet=denoising_unet,
         face_locator=FaceLocator(**cfg["face_locator"]),
-        audio_encoder=Wav2Vec2Model(audio_cfg),
+        audio_encoder=audio_encoder,
         feature_extractor=Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=False),
         audio_projection=AudioProjection(**cfg["audio_projection"]),
         speed_encoder=SpeedEncoder(**cfg["speed_encoder"]),

@@ -25,7 +25,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from .audio_features import SAMPLING_RATE, wav2vec_frame_features
-from .models import AudioProjection, EmoUNet3DModel, FaceLocator, ReferenceNet, SpeedEncoder
+from .models import AudioProjection, EmoUNet3DModel, FaceLocator, MelAudioEncoder, ReferenceNet, SpeedEncoder
+from .models.attention import context_cache
+from .presets import get_preset, make_scheduler
 
 logger = logging.get_logger(__name__)
 
@@ -39,8 +41,19 @@ EMO_GENERATION_DEFAULTS = {
     "clip_length": 12,
     "num_motion_frames": 4,
     "head_speed": 1.0,
+    "preset": None,  # a `pipeline.presets` name: sampler, steps and guided steps; None: the model's scheduler
 }
 GENERATION_DEFAULT_KEYS = tuple(EMO_GENERATION_DEFAULTS)
+
+
+def resolve_settings(model_defaults: dict | None, **arguments) -> dict:
+    """Generation settings: the arguments that are not None > a model's `generation_defaults` > EMO's; a
+    preset in effect (given or the model's) sets the number of steps unless `num_inference_steps` is given."""
+    given = {k: v for k, v in arguments.items() if v is not None}
+    settings = {**EMO_GENERATION_DEFAULTS, **(model_defaults or {}), **given}
+    if settings["preset"] is not None and "num_inference_steps" not in given:
+        settings["num_inference_steps"] = get_preset(settings["preset"]).num_inference_steps
+    return settings
 
 
 @dataclass
@@ -83,7 +96,7 @@ class EmoPipeline(DiffusionPipeline):
     r"""Audio-driven portrait video generation with EMO's ReferenceNet + backbone design.
 
     Components: `vae` (AutoencoderKL), `reference_net` (ReferenceNet), `denoising_unet` (EmoUNet3DModel),
-    `face_locator`, `audio_encoder` (transformers Wav2Vec2Model) with its `feature_extractor`,
+    `face_locator`, `audio_encoder` (transformers Wav2Vec2Model, or the small `MelAudioEncoder`) with its `feature_extractor`,
     `audio_projection`, `speed_encoder`, `scheduler` (DDIM or any diffusers scheduler with `step`).
     """
 
@@ -100,7 +113,7 @@ class EmoPipeline(DiffusionPipeline):
         reference_net: ReferenceNet,
         denoising_unet: EmoUNet3DModel,
         face_locator: FaceLocator,
-        audio_encoder: Wav2Vec2Model,
+        audio_encoder: Wav2Vec2Model | MelAudioEncoder,
         feature_extractor: Wav2Vec2FeatureExtractor,
         audio_projection: AudioProjection,
         speed_encoder: SpeedEncoder,
@@ -142,14 +155,16 @@ class EmoPipeline(DiffusionPipeline):
             raise ValueError(
                 f"unknown generation defaults {sorted(unknown)}; allowed: {list(GENERATION_DEFAULT_KEYS)}"
             )
+        if values.get("preset") is not None:
+            get_preset(values["preset"])  # raises on an unknown name
         current = dict(getattr(self.config, "generation_defaults", None) or {})
         current.update(values)
         self.register_to_config(generation_defaults={k: v for k, v in current.items() if v is not None})
 
     def resolved_defaults(self, **arguments) -> dict:
-        """Settings of a call: the arguments that are not None > the model's defaults > EMO's."""
-        given = {k: v for k, v in arguments.items() if v is not None}
-        return {**EMO_GENERATION_DEFAULTS, **(self.config.generation_defaults or {}), **given}
+        """Settings of a call: the arguments that are not None > the model's defaults > EMO's; a preset in
+        effect sets the number of steps unless it is given."""
+        return resolve_settings(self.config.generation_defaults, **arguments)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -308,17 +323,27 @@ class EmoPipeline(DiffusionPipeline):
             branches.append((False, False))
         return branches
 
-    def _predict(self, latents, t, reference, motion, audio, speed, face, branches) -> list[torch.Tensor]:
-        """Backbone predictions for every guidance branch: one batched pass, or one pass per branch."""
+    @staticmethod
+    def _branch_inputs(reference: dict, audio: torch.Tensor, selected: tuple) -> tuple[dict, torch.Tensor]:
+        """Reference tokens and audio tokens of a batch of guidance branches (zeros where a branch drops them)."""
+        ref = {
+            k: torch.cat([v if use_ref else torch.zeros_like(v) for use_ref, _ in selected])
+            for k, v in reference.items()
+        }
+        aud = torch.cat([audio if use_audio else torch.zeros_like(audio) for _, use_audio in selected])
+        return ref, aud
+
+    def _predict(self, latents, t, branch_inputs, motion, speed, face, branches) -> list[torch.Tensor]:
+        """Backbone predictions for every guidance branch: one batched pass, or one pass per branch.
+
+        branch_inputs(selected) -> (reference tokens, audio tokens) of those branches; the caller keeps them
+        for the whole clip, so the backbone sees the same reference tensors at every step (cached keys/values).
+        """
         unet = self.denoising_unet
 
-        def run(selected: list[tuple[bool, bool]]) -> list[torch.Tensor]:
+        def run(selected: tuple) -> list[torch.Tensor]:
             n = len(selected)
-            ref = {
-                k: torch.cat([v if use_ref else torch.zeros_like(v) for use_ref, _ in selected])
-                for k, v in reference.items()
-            }
-            aud = torch.cat([audio if use_audio else torch.zeros_like(audio) for _, use_audio in selected])
+            ref, aud = branch_inputs(selected)
             out = unet(
                 latents.to(unet.dtype).repeat(n, 1, 1, 1, 1),
                 t,
@@ -331,8 +356,8 @@ class EmoPipeline(DiffusionPipeline):
             return list(out.float().chunk(n))
 
         if self.batch_guidance:
-            return run(branches)
-        return [run([branch])[0] for branch in branches]
+            return run(tuple(branches))
+        return [run((branch,))[0] for branch in branches]
 
     # ------------------------------------------------------------------ call
     @torch.no_grad()
@@ -351,6 +376,7 @@ class EmoPipeline(DiffusionPipeline):
         fps: float | None = None,
         clip_length: int | None = None,
         num_motion_frames: int | None = None,
+        preset: str | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         eta: float = 0.0,
         output_type: str = "pil",
@@ -375,6 +401,8 @@ class EmoPipeline(DiffusionPipeline):
             num_inference_steps: denoising steps per clip (EMO: 40; fewer than 20 give artifacts).
             guidance_scale: classifier-free guidance on the audio (1 disables it).
             reference_guidance_scale: classifier-free guidance on the reference image (1 disables it).
+            preset: "quality", "balanced" or "fast" (`pipeline.presets`): the sampler, the number of steps
+                (unless `num_inference_steps` is given) and on how many steps guidance runs.
             fps: video frame rate; clip_length: frames per clip (f = 12); num_motion_frames: n = 4 frames
                 of the previous clip that condition the next (zero maps for the first clip).
             output_type: "pil", "np" ((f, H, W, 3) in [0, 1]), "pt" ((f, 3, H, W)), or "none" to keep no
@@ -387,13 +415,19 @@ class EmoPipeline(DiffusionPipeline):
         settings = self.resolved_defaults(
             head_speed=head_speed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             reference_guidance_scale=reference_guidance_scale, fps=fps, clip_length=clip_length,
-            num_motion_frames=num_motion_frames,
+            num_motion_frames=num_motion_frames, preset=preset,
         )  # fmt: skip
         head_speed, num_inference_steps, guidance_scale = (
             settings[k] for k in ("head_speed", "num_inference_steps", "guidance_scale")
         )
         reference_guidance_scale, fps = settings["reference_guidance_scale"], settings["fps"]
         clip_length, num_motion_frames = settings["clip_length"], settings["num_motion_frames"]
+        chosen = get_preset(settings["preset"]) if settings["preset"] is not None else None
+        scheduler = make_scheduler(chosen.sampler, self.scheduler.config) if chosen else self.scheduler
+        # guidance on the first `guided_steps` steps; the others run the conditional branch alone
+        guided_steps = (
+            math.ceil(chosen.guidance_fraction * num_inference_steps) if chosen else num_inference_steps
+        )
         height = height or self.default_size
         width = width or self.default_size
         self.check_inputs(
@@ -432,7 +466,10 @@ class EmoPipeline(DiffusionPipeline):
         motion_latents = None
         reference_tokens = motion_features = None
         kept: list[np.ndarray] = []
-        with self.progress_bar(total=num_clips * num_inference_steps) as progress_bar:
+        with (
+            self.progress_bar(total=num_clips * num_inference_steps) as progress_bar,
+            context_cache(self.denoising_unet),
+        ):
             for clip in range(num_clips):
                 progress_bar.set_description(f"clip {clip + 1}/{num_clips}")
                 # 5a. ReferenceNet, once per clip: the reference (first clip) or the n motion frames
@@ -448,21 +485,35 @@ class EmoPipeline(DiffusionPipeline):
                     motion_features = {k: v[None] for k, v in out.motion_features.items()}
                 frames_slice = slice(clip * clip_length, (clip + 1) * clip_length)
 
-                # 5b. Denoising loop
-                self.scheduler.set_timesteps(num_inference_steps, device=device)
+                # 5b. Denoising loop (the branches' conditions are built once per clip)
+                clip_audio, built = audio_tokens[:, frames_slice], {}
+
+                def branch_inputs(
+                    selected: tuple, clip_audio=clip_audio, built=built, reference=reference_tokens
+                ) -> tuple[dict, torch.Tensor]:
+                    if selected not in built:
+                        built[selected] = self._branch_inputs(reference, clip_audio, selected)
+                    return built[selected]
+
+                scheduler.set_timesteps(num_inference_steps, device=device)
                 latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=torch.float32)
-                latents = latents * self.scheduler.init_noise_sigma
-                extra = {"eta": eta} if "eta" in inspect.signature(self.scheduler.step).parameters else {}
-                for i, t in enumerate(self.scheduler.timesteps):
+                latents = latents * scheduler.init_noise_sigma
+                extra = {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
+                for i, t in enumerate(scheduler.timesteps):
                     if self._interrupt:
                         break
-                    model_input = self.scheduler.scale_model_input(latents, t)
+                    model_input = scheduler.scale_model_input(latents, t)
+                    guided = i < guided_steps
                     preds = self._predict(
-                        model_input, t, reference_tokens, motion_features, audio_tokens[:, frames_slice],
-                        speed_tokens[:, frames_slice], face_features, branches,
+                        model_input, t, branch_inputs, motion_features, speed_tokens[:, frames_slice],
+                        face_features, branches if guided else branches[:1],
                     )  # fmt: skip
-                    noise_pred = combine_guidance(preds, guidance_scale, reference_guidance_scale)
-                    latents = self.scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+                    noise_pred = (
+                        combine_guidance(preds, guidance_scale, reference_guidance_scale)
+                        if guided
+                        else preds[0]
+                    )
+                    latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
                     if callback_on_step_end is not None:
                         tensors = {"latents": latents}
                         kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}

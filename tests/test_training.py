@@ -287,3 +287,75 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(workspace):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     a, b = component_weights(root / "straight" / "pipeline"), component_weights(killed / "pipeline")
     assert all(torch.equal(a[k], b[k]) for k in a)  # EMA weights exported by both
+
+
+# ------------------------------------------------------------------------------------------------ small model parts
+def test_photos_become_pseudo_clips_that_stage1_reads_with_the_videos(workspace, tmp_path):
+    from training.photos import prepare_photos
+
+    portrait = Path(__file__).resolve().parents[1] / "assets" / "examples" / "portrait.png"
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (64, 64), "gray").save(blank)
+    manifest = prepare_photos([portrait, blank], tmp_path / "photos", size=32, frames=6)
+    assert manifest["num_clips"] == 1 and list(manifest["skipped"]) == [str(blank)]
+    meta = json.loads((tmp_path / "photos" / "videos" / "photo__portrait" / "meta.json").read_text())
+    boxes = np.array(meta["clips"][0]["boxes"])
+    assert boxes.shape == (6, 4) and np.ptp(boxes[:, 0]) > 0.1  # the views move, and the boxes with them
+    frames = [np.asarray(Image.open(p), np.float32) for p in sorted((tmp_path / "photos").rglob("0000*.jpg"))]
+    assert len(frames) == 6 and frames[0].shape == (32, 32, 3)
+    assert np.abs(frames[0] - frames[3]).mean() > 1  # different views of the same photo
+    both = EmoDataset([workspace["data"], tmp_path / "photos"], 32, seed=0)
+    videos_only = EmoDataset(workspace["data"], 32, seed=0)
+    assert len(both) == len(videos_only) + 1
+    sample = both[len(both) - 1]
+    assert sample["pixel_values"].shape == (1, 3, 32, 32) and sample["mouth_mask"].sum() > 0
+
+
+def test_mouth_weight_weighs_the_mouth_region(workspace):
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    config = stage_config(workspace, 1, "mouth")
+    torch.manual_seed(0)
+    pipe = load_initial_pipeline(config)
+    model = EmoTrainingModel(pipe)
+    dataset = EmoDataset(workspace["data"], 32, seed=0)
+    batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def loss(weight: float, mask=None) -> float:
+        config.train.mouth_weight = weight
+        b = dict(batch, mouth_mask=batch["mouth_mask"] if mask is None else mask)
+        with torch.no_grad():
+            return training_loss(
+                model, pipe, scheduler, b, config, torch.Generator().manual_seed(7), Accelerator(cpu=True)
+            ).item()
+
+    plain = loss(0.0)
+    assert batch["mouth_mask"].sum() > 0
+    assert loss(4.0) != pytest.approx(plain, rel=1e-4)
+    assert loss(4.0, torch.zeros_like(batch["mouth_mask"])) == pytest.approx(plain, rel=1e-5)
+
+
+def test_mel_audio_encoder_learns_a_mouth_signal(workspace):
+    """Pretraining on a per-frame target that the sound determines (its loudness): the unseen video's
+    prediction follows it."""
+    from pipeline.audio import load_audio
+    from pipeline.loading import CONFIGS as SIZES
+    from pipeline.metrics import loudness_envelope
+    from training.mouth import pretrain_audio_encoder
+
+    for folder in (workspace["data"] / "videos").iterdir():
+        meta = json.loads((folder / "meta.json").read_text())
+        audio = load_audio(folder / "audio.wav", sampling_rate=16_000, mono=True).mono
+        np.save(folder / "mouth.npy", loudness_envelope(audio, 16_000, meta["num_frames"], FPS))
+    config = dict(SIZES["tiny"], audio_encoder={"type": "mel", "hidden_size": 16, "num_hidden_layers": 2})
+    torch.manual_seed(0)
+    pipe = build_pipeline(config)
+    assert type(pipe.audio_encoder).__name__ == "MelAudioEncoder"
+    result = pretrain_audio_encoder(
+        pipe, workspace["data"], steps=80, heldout={"bob"}, window_frames=20, batch_size=4
+    )
+    print(result)
+    assert result["heldout_r"] > 0.6
+    assert not any(p.requires_grad for p in pipe.audio_encoder.parameters())

@@ -68,7 +68,8 @@ class InitConfig:
 
 @dataclass
 class DataConfig:
-    """root: a `training.prepare` output folder. resolution: training size in pixels (frames are resized).
+    """root: a `training.prepare` output folder, or a list of them (e.g. videos plus `training.photos`
+    pseudo-clips for stage 1). resolution: training size in pixels (frames are resized).
 
     num_frames (f) and num_motion_frames (n): stage 1 uses 1 and 0. audio_features: "prepared" (the
     wav2vec2 features cached by `prepare --wav2vec`) or "compute" (computed once at start with the model's
@@ -76,7 +77,7 @@ class DataConfig:
     samples_per_clip: samples drawn from each clip per epoch (each with its own random window/reference).
     """
 
-    root: str = "data/prepared"
+    root: str | list[str] = "data/prepared"
     resolution: int = 512
     num_frames: int = 12
     num_motion_frames: int = 4
@@ -118,6 +119,7 @@ class OptimConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     condition_dropout: ConditionDropout = field(default_factory=ConditionDropout)
+    mouth_weight: float = 0.0  # extra loss weight on the mouth region (loss x (1 + w) there); 0: plain MSE
     ema: bool = False
     ema_decay: float = 0.9999
     seed: int = 42

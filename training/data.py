@@ -74,6 +74,17 @@ def read_clips(root: str | Path) -> list[ClipInfo]:
     return clips
 
 
+def mouth_mask(box: FaceBox, resolution: int) -> np.ndarray:
+    """(R, R) float32 mask of 1 over the mouth region of a face box: the middle half of its width and the
+    band from 55 % to 100 % of its height (MediaPipe's boxes end near the chin)."""
+    mask = np.zeros((resolution, resolution), np.float32)
+    width, height = box.x1 - box.x0, box.y1 - box.y0
+    x0, x1 = round(box.x0 + 0.25 * width), round(box.x0 + 0.75 * width)
+    y0, y1 = round(box.y0 + 0.55 * height), round(box.y0 + 1.0 * height)
+    mask[max(0, y0) : max(0, min(resolution, y1)), max(0, x0) : max(0, min(resolution, x1))] = 1.0
+    return mask
+
+
 class EpochSampler(Sampler[int]):
     """Sample ids of one epoch: `epoch * size + i` for a permutation of range(size) seeded by (seed, epoch).
 
@@ -103,13 +114,14 @@ class EmoDataset(Dataset):
     """Training samples (see the module docstring). Items are dicts of tensors:
 
     pixel_values (n + f, 3, R, R) in [-1, 1]; reference (3, R, R) in [-1, 1]; face_mask (1, R, R) of 0/1;
+    mouth_mask (1, R, R) of 0/1 (`mouth_mask` of the union face box, for a mouth-weighted loss);
     and when `with_audio`: audio_features (f + 2 audio_margin, layers, dim), speeds (f + 2 speed_margin,)
     in degrees/frame. R = `resolution` (prepared frames are resized when it differs).
     """
 
     def __init__(
         self,
-        root: str | Path,
+        root: str | Path | list[str | Path],
         resolution: int,
         num_frames: int = 1,
         num_motion_frames: int = 0,
@@ -129,7 +141,8 @@ class EmoDataset(Dataset):
         self.mask_expand, self.seed = mask_expand, seed
         self.audio_features_dir = Path(audio_features_dir) if audio_features_dir else None
         window = num_frames + num_motion_frames
-        all_clips = read_clips(root)
+        roots = [root] if isinstance(root, str | Path) else list(root)
+        all_clips = [clip for r in roots for clip in read_clips(r)]
         self.clips = [c for c in all_clips if c.num_frames >= window + (1 if window == 1 else 0)]
         if not self.clips:
             raise ValueError(f"no clip in {root} has {window} frames or more (of {len(all_clips)} clips)")
@@ -171,6 +184,7 @@ class EmoDataset(Dataset):
             "pixel_values": torch.stack([self._image(clip, t) for t in frames]),
             "reference": self._image(clip, reference),
             "face_mask": torch.from_numpy(mask)[None],
+            "mouth_mask": torch.from_numpy(mouth_mask(box, self.resolution))[None],
         }
         if self.with_audio:
             first = clip.start + start + self.num_motion_frames  # the f frames' first index in the video

@@ -1,162 +1,308 @@
-"""A small EMO trained from scratch on synthetic talking videos: the app's embedded stand-in model.
+"""The embedded model: a small EMO trained from nothing on the real talking faces of `../shared/data`.
 
-    python -m training.small_model --out assets/models/emo-small [--work runs/emo-small]
+    python -m training.small_model --data ../shared/data --work runs/emo-small --out assets/models/emo-small
 
-No weights can be downloaded here, so every part starts random: (1) synthetic talking videos (the
-astronaut portrait turning and swaying, speech-like sound) go through `training.prepare`; (2) the VAE,
-which the stages keep frozen, is first fitted as an autoencoder on the prepared frames (and its latent
-scaling factor set to 1 / latent std); (3) stage 1 and stage 2 run with `training.train` on 64 x 64 crops;
-(4) the stage 2 export is copied to `--out`. It mostly reproduces the reference portrait; it is a stand-in
-until a model trained on real video exists.
+Every step writes its result under `--work` and is skipped when that result exists, and the stages resume
+from their last checkpoint, so the same command continues after an interruption (a new machine needs only
+`--work` copied). Steps:
+1. data: the training part of `--data` (`training.splits` keeps the held-out people and sentences out):
+   every `--grid-every`-th GRID sentence, the real and generated talking clips -> 128 px face-crop clips
+   (`training.prepare`); the face photos -> augmented pseudo-clips for stage 1 (`training.photos`);
+2. mouth: the lip gap measured with MediaPipe on every prepared frame (`training.mouth`);
+3. vae: an 8x-downsampling VAE fitted as an autoencoder on the frames and photos, frozen afterwards;
+4. audio: a log-mel audio encoder pretrained to predict the measured mouth opening, frozen afterwards;
+5. stage 1 (images: ReferenceNet, backbone, face locator), stage 2 (clips with audio: + temporal and
+   audio layers, mouth-weighted loss), stage 3 (speed layers on the measured head speed) with `training.train`;
+6. export: stage 3's pipeline with this model's generation defaults, to `--out`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from pipeline import build_pipeline
-from pipeline.loading import CONFIGS
+from pipeline import EmoPipeline, build_pipeline
 
-from . import synthetic
 from .config import config_from_dict
 from .data import EmoDataset
+from .photos import PHOTO_EXTENSIONS, prepare_photos
 from .prepare import PrepareOptions, prepare
+from .splits import is_heldout
 from .train import train
 
 logger = logging.getLogger("training.small_model")
 
-RESOLUTION = 64
-# the "tiny" networks with a VAE that downsamples 4x: 64 x 64 frames -> 16 x 16 latents
+RESOLUTION = 128
+CLIP_LENGTH, MOTION_FRAMES = 8, 4
 SMALL = {
-    **CONFIGS["tiny"],
-    "vae": {
-        **CONFIGS["tiny"]["vae"],
-        "block_out_channels": (32, 64, 64),
-        "down_block_types": ("DownEncoderBlock2D",) * 3,
-        "up_block_types": ("UpDecoderBlock2D",) * 3,
-        "sample_size": RESOLUTION,
-    },
-    "face_locator": {"block_out_channels": (8, 16, 32)},
+    "unet": dict(
+        sample_size=RESOLUTION // 8,
+        in_channels=8,
+        block_out_channels=(64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    ),
+    "backbone": dict(
+        out_channels=8, audio_dim=64, motion_num_attention_heads=4, motion_norm_num_groups=16, speed_dim=64
+    ),
+    "vae": dict(
+        block_out_channels=(16, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=8,
+        norm_num_groups=8,
+        sample_size=RESOLUTION,
+    ),
+    "audio_encoder": dict(type="mel", hidden_size=64, num_hidden_layers=4),
+    "audio_projection": dict(intermediate_dim=128, output_dim=64, context_tokens=8),
+    "speed_encoder": dict(hidden_dim=64, output_dim=64),
+    "face_locator": dict(block_out_channels=(8, 16, 32, 32)),
 }
+# the model's own settings, saved in its model_index.json (see benchmarks/bench_presets.py for the choice)
+GENERATION_DEFAULTS = dict(clip_length=CLIP_LENGTH, num_motion_frames=MOTION_FRAMES, fps=25.0)
 
 
+# ------------------------------------------------------------------------------------------------ 1. data
+def prepare_data(data: Path, work: Path, grid_every: int, workers: int) -> tuple[Path, Path]:
+    """The training part of `data` -> (prepared video clips, photo pseudo-clips)."""
+    videos = work / "videos"
+    for folder, every in (("grid_s1", grid_every), ("real", 1), ("generated", 1)):
+        files = [f for f in sorted((data / folder).glob("*.mp4")) if not is_heldout(f"{folder}/{f.name}")]
+        (videos / folder).mkdir(parents=True, exist_ok=True)
+        for f in files[::every]:
+            link = videos / folder / f.name
+            if not link.exists():
+                link.symlink_to(f.resolve())
+    clips = work / "data"
+    options = PrepareOptions(size=RESOLUTION, clip_length=50, min_clip_length=CLIP_LENGTH + MOTION_FRAMES)
+    if not (clips / "DONE").is_file():
+        prepare(videos, clips, options, workers=workers)
+        (clips / "DONE").touch()
+    photos = work / "photos"
+    if not (photos / "DONE").is_file():
+        files = [p for p in (data / "faces").iterdir() if p.suffix.lower() in PHOTO_EXTENSIONS]
+        prepare_photos([p for p in files if not is_heldout(f"faces/{p.name}")], photos, RESOLUTION)
+        (photos / "DONE").touch()
+    return clips, photos
+
+
+# ------------------------------------------------------------------------------------------------ 3. vae
 def fit_vae(
-    pipe, data_root: Path, steps: int, batch_size: int = 8, lr: float = 1e-3, kl_weight: float = 1e-6
+    vae, roots: list[Path], steps: int, batch_size: int = 16, lr: float = 1e-3, crop_fraction: float = 0.75
 ) -> float:
-    """Fit `pipe.vae` as an autoencoder on the prepared frames -> final reconstruction MSE (pixels -1..1)."""
-    dataset = EmoDataset(data_root, RESOLUTION, seed=0)
-    frames = torch.cat([dataset[i]["pixel_values"] for i in range(len(dataset) * 4)])  # 4 draws per clip
-    vae = pipe.vae.train().requires_grad_(True)
+    """Fit `vae` as an autoencoder on frames of `roots` (L1 + MSE, tiny KL) -> final reconstruction MSE of
+    whole frames. The first `crop_fraction` of the steps see random 64 px crops (the VAE is convolutional).
+
+    Sets the latent scaling factor to 1 / std of the latents (as SD's 0.18215)."""
+    dataset = EmoDataset([str(r) for r in roots], RESOLUTION, seed=0)
+    rng = np.random.default_rng(0)
+    pool = torch.stack(
+        [dataset[int(i)]["pixel_values"][0] for i in rng.permutation(len(dataset) * 3) % len(dataset)]
+    )
+    vae.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
     generator = torch.Generator().manual_seed(0)
     mse = torch.tensor(float("nan"))
     for step in range(steps):
-        batch = frames[torch.randint(0, len(frames), (batch_size,), generator=generator)]
+        batch = pool[torch.randint(0, len(pool), (batch_size,), generator=generator)]
+        if step < crop_fraction * steps:  # 64 px crops first (4x cheaper), whole frames at the end
+            y, x = torch.randint(0, RESOLUTION - 64 + 1, (2,), generator=generator).tolist()
+            batch = batch[..., y : y + 64, x : x + 64]
+        if step % 2:
+            batch = batch.flip(-1)
         posterior = vae.encode(batch).latent_dist
         recon = vae.decode(posterior.sample(generator)).sample
         mse = torch.nn.functional.mse_loss(recon, batch)
-        loss = mse + kl_weight * posterior.kl().mean()
+        loss = mse + (recon - batch).abs().mean() + 1e-6 * posterior.kl().mean()
         loss.backward()
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad()
-        if step % 100 == 0:
+        if step % 100 == 0 or step == steps - 1:
             logger.info("vae step %d: reconstruction mse %.4f", step, mse.item())
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        std = vae.encode(frames[:64]).latent_dist.mode().std().item()
+        std = vae.encode(pool[:128]).latent_dist.mode().std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     return mse.item()
 
 
-def stage_config(stage: int, work: Path, data_root: Path, steps: int, init: dict) -> dict:
-    clip = (
-        {"num_frames": 1, "num_motion_frames": 0} if stage == 1 else {"num_frames": 8, "num_motion_frames": 4}
-    )
-    trainable = ["backbone", "reference_net", "face_locator"] + (["temporal", "audio"] if stage == 2 else [])
+# ------------------------------------------------------------------------------------------------ 5. stages
+def stage_config(stage: int, work: Path, roots: list[Path], steps: int, init: str) -> dict:
+    if stage == 1:
+        clip = {"num_frames": 1, "num_motion_frames": 0}
+        trainable = ["backbone", "reference_net", "face_locator"]
+        batch_size, lr = 16, 5e-4
+    elif stage == 2:
+        clip = {"num_frames": CLIP_LENGTH, "num_motion_frames": MOTION_FRAMES}
+        trainable = ["backbone", "reference_net", "face_locator", "temporal", "audio"]
+        batch_size, lr = 4, 2e-4
+    else:
+        clip = {"num_frames": CLIP_LENGTH, "num_motion_frames": MOTION_FRAMES}
+        trainable = ["temporal", "speed"]
+        batch_size, lr = 4, 2e-4
     return {
         "stage": stage,
         "output_dir": str(work / f"stage{stage}"),
-        "init": init,
+        "init": {"pipeline": init},
         "data": {
-            "root": str(data_root),
+            "root": [str(r) for r in roots] if len(roots) > 1 else str(roots[0]),
             "resolution": RESOLUTION,
-            "num_workers": 0,
-            "samples_per_clip": 8,
+            "audio_features": "compute",
+            "num_workers": 1,
+            "samples_per_clip": 4,
             **clip,
         },
         "train": {
             "trainable": trainable,
-            "learning_rate": 3e-4,
+            "learning_rate": lr,
             "lr_warmup_steps": 50,
-            "batch_size": 4 if stage == 1 else 1,
+            "batch_size": batch_size,
             "max_steps": steps,
             "mixed_precision": "no",
             "gradient_checkpointing": False,
             "use_8bit_adam": False,
+            "mouth_weight": 0.0 if stage == 1 else 4.0,
             "ema": True,
-            "ema_decay": 0.99,
-            "seed": 0,
+            "ema_decay": 0.995,
+            "seed": stage,
+            "condition_dropout": {"reference": 0.05, "audio": 0.1, "motion": 0.2},
         },
-        "checkpointing": {"every": 500, "keep": 1},
-        "log_every": 50,
+        "checkpointing": {"every": 100, "keep": 1},
+        "log_every": 25,
     }
+
+
+def run_stage(stage: int, work: Path, roots: list[Path], steps: int, init: Path) -> Path:
+    """Train (or resume, or skip when done) one stage -> its exported pipeline folder."""
+    out = work / f"stage{stage}"
+    if (out / "DONE").is_file():
+        return out / "pipeline"
+    started = time.time()
+    config = config_from_dict(stage_config(stage, work, roots, steps, str(init)))
+    resume = "latest" if any(out.glob("checkpoint-*")) else None
+    result = train(config, resume=resume)
+    minutes = (time.time() - started) / 60
+    logger.info(
+        "stage %d: loss %.4f after %d steps (%.1f min this run)",
+        stage,
+        result["loss"],
+        result["step"],
+        minutes,
+    )
+    (out / "DONE").write_text(
+        json.dumps({"loss": result["loss"], "steps": result["step"], "minutes": minutes})
+    )
+    return result["export"]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m training.small_model", description=__doc__.split("\n")[0]
     )
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="the talking-face material")
+    parser.add_argument("--work", type=Path, default=Path("runs/emo-small"), help="intermediate results")
     parser.add_argument("--out", type=Path, default=Path("assets/models/emo-small"))
-    parser.add_argument("--work", type=Path, default=Path("runs/emo-small"))
-    parser.add_argument("--videos", type=int, default=6, help="synthetic videos of 4 s")
-    parser.add_argument("--vae-steps", type=int, default=600)
-    parser.add_argument("--stage1-steps", type=int, default=1500)
-    parser.add_argument("--stage2-steps", type=int, default=400)
+    parser.add_argument("--grid-every", type=int, default=3, help="use every n-th GRID sentence")
+    parser.add_argument("--vae-steps", type=int, default=800)
+    parser.add_argument("--audio-steps", type=int, default=800)
+    parser.add_argument("--stage1-steps", type=int, default=1200)
+    parser.add_argument("--stage2-steps", type=int, default=1200)
+    parser.add_argument("--stage3-steps", type=int, default=200)
+    parser.add_argument(
+        "--stop-after", choices=["data", "mouth", "vae", "audio", "stage1", "stage2", "stage3"]
+    )
+    parser.add_argument("--workers", type=int, default=2, help="data preparation processes")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = args.work
+    times = {}
 
-    # 1. Synthetic data, audio features from the model's own (random) wav2vec2
-    torch.manual_seed(0)
-    pipe = build_pipeline(SMALL)
-    videos = work / "videos"
-    videos.mkdir(parents=True, exist_ok=True)
-    for seed in range(args.videos):
-        if not (videos / f"talk{seed}.mp4").is_file():
-            synthetic.write_talking_video(videos / f"talk{seed}.mp4", seconds=4.0, size=96, seed=seed)
+    def done(step: str, started: float) -> bool:
+        times[step] = round((time.time() - started) / 60, 1)
+        logger.info("%s: %.1f min", step, times[step])
+        return args.stop_after == step
+
+    started = time.time()
+    clips, photos = prepare_data(args.data, work, args.grid_every, args.workers)
+    if done("data", started):
+        return
+
+    from .mouth import measure_clips, pretrain_audio_encoder
+
+    started = time.time()
+    measure_clips(clips)
+    if done("mouth", started):
+        return
+
+    vae_dir = work / "init_vae"
+    started = time.time()
+    if not (vae_dir / "model_index.json").is_file():
+        torch.manual_seed(0)
+        pipe = build_pipeline(copy.deepcopy(SMALL))
+        mse = fit_vae(pipe.vae, [clips, photos], args.vae_steps)
+        (work / "vae.json").write_text(
+            json.dumps({"mse": mse, "scaling_factor": pipe.vae.config.scaling_factor})
+        )
+        pipe.save_pretrained(vae_dir)
+    if done("vae", started):
+        return
+
     init = work / "init"
-    pipe.save_pretrained(init)
-    data_root = work / "data"
-    prepare(
-        videos,
-        data_root,
-        PrepareOptions(size=RESOLUTION, clip_length=50, min_clip_length=12, wav2vec=str(init)),
-    )
+    started = time.time()
+    if not (init / "model_index.json").is_file():
+        pipe = EmoPipeline.from_pretrained(vae_dir)
+        heldout = {
+            c.name
+            for c in (clips / "videos").iterdir()
+            if c.name.startswith("grid_s1") and hash_bucket(c.name) == 1
+        }
+        result = pretrain_audio_encoder(pipe, clips, args.audio_steps, heldout=heldout)
+        (work / "audio_encoder.json").write_text(json.dumps(result))
+        logger.info("audio encoder: r %.3f on training windows, %.3f on %d unseen GRID sentences",
+                    result["train_r"], result["heldout_r"], len(heldout))  # fmt: skip
+        pipe.save_pretrained(init)
+    if done("audio", started):
+        return
 
-    # 2. The VAE, fitted once and frozen afterwards
-    mse = fit_vae(pipe, data_root, args.vae_steps)
-    logger.info("vae: reconstruction mse %.4f, scaling factor %.3f", mse, pipe.vae.config.scaling_factor)
-    pipe.save_pretrained(init)
+    previous = init
+    for stage, steps in ((1, args.stage1_steps), (2, args.stage2_steps), (3, args.stage3_steps)):
+        started = time.time()
+        roots = [clips, photos] if stage == 1 else [clips]
+        previous = run_stage(stage, work, roots, steps, previous)
+        if done(f"stage{stage}", started):
+            return
 
-    # 3. Stages 1 and 2
-    result = train(
-        config_from_dict(stage_config(1, work, data_root, args.stage1_steps, {"pipeline": str(init)}))
-    )
-    logger.info("stage 1: loss %.4f after %d steps", result["loss"], result["step"])
-    stage2 = stage_config(2, work, data_root, args.stage2_steps, {"pipeline": str(result["export"])})
-    result = train(config_from_dict(stage2))
-    logger.info("stage 2: loss %.4f after %d steps", result["loss"], result["step"])
-
-    # 4. Export
+    pipe = EmoPipeline.from_pretrained(previous)
+    pipe.register_generation_defaults(**GENERATION_DEFAULTS)
     if args.out.exists():
         shutil.rmtree(args.out)
-    shutil.copytree(result["export"], args.out)
+    pipe.save_pretrained(args.out)
+    shutil.copy(previous / "training_config.yaml", args.out / "training_config.yaml")
     logger.info("small model -> %s", args.out)
+
+
+def hash_bucket(name: str, buckets: int = 10) -> int:
+    """A stable bucket of a name (keeps a tenth of the training GRID sentences out of audio pretraining)."""
+    import hashlib
+
+    return int(hashlib.sha1(name.encode()).hexdigest(), 16) % buckets
 
 
 if __name__ == "__main__":

@@ -276,7 +276,13 @@ def training_loss(
         batch.get("speeds") if config.stage == 3 else None,
         keep,
     )
-    return F.mse_loss(pred.float(), target.float())
+    error = (pred.float() - target.float()) ** 2
+    if config.train.mouth_weight and "mouth_mask" in batch:
+        # the mouth region at latent size (area pooling), the same for every frame of the clip
+        mouth = F.adaptive_avg_pool2d(batch["mouth_mask"].float(), error.shape[-2:]).to(error.device)
+        weight = 1.0 + config.train.mouth_weight * mouth[:, :, None]  # (b, 1, 1, h, w)
+        return (error * weight).mean() / weight.mean()
+    return error.mean()
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

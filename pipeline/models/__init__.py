@@ -1,6 +1,7 @@
 """EMO's networks, one concept per file."""
 
 from .audio_attention import AUDIO_ATTENTION_TYPES, AudioCrossAttention
+from .audio_encoder import MelAudioEncoder
 from .audio_projection import AudioProjection
 from .backbone import EmoUNet3DModel, EmoUNetOutput
 from .face_locator import FaceLocator
@@ -14,6 +15,7 @@ __all__ = [
     "EmoUNet3DModel",
     "EmoUNetOutput",
     "FaceLocator",
+    "MelAudioEncoder",
     "ReferenceNet",
     "ReferenceNetOutput",
     "SpeedEncoder",

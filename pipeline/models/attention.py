@@ -14,6 +14,7 @@ make the attention output collapse to the output bias.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -47,17 +48,19 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(0.0)])
         self.slice_size: int | None = None
+        # inference only: keys/values of the last context, reused while the same tensor comes back (the
+        # reference tokens of a clip are the same object at every denoising step; see `context_cache`)
+        self.cache_context = False
+        self._cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         if zero_init_out:
             nn.init.zeros_(self.to_out[0].weight)
             nn.init.zeros_(self.to_out[0].bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         # x: (b, l, c); context: (b, s, c_ctx) -> (b, l, c)
-        context = x if context is None else context
-        q, k, v = (
-            rearrange(t, "b l (h d) -> b h l d", h=self.heads)
-            for t in (self.to_q(x), self.to_k(context), self.to_v(context))
-        )  # 4-D inputs: SDPA's fused CPU/GPU kernels need them (3-D falls back to the slow math path)
+        q = rearrange(self.to_q(x), "b l (h d) -> b h l d", h=self.heads)
+        k, v = self._keys_values(x if context is None else context, shared=context is not None)
+        # 4-D inputs: SDPA's fused CPU/GPU kernels need them (3-D falls back to the slow math path)
         if self.slice_size is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:  # chunks of `slice_size` (batch x head) pairs, each as a (1, s, l, d) batch
@@ -73,6 +76,32 @@ class Attention(nn.Module):
             ).unflatten(1, (b, self.heads))[0]
         out = rearrange(out, "b h l d -> b l (h d)")
         return self.to_out[1](self.to_out[0](out))
+
+    def _keys_values(self, context: torch.Tensor, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._cached
+        if shared and self.cache_context and cached is not None and cached[0] is context:
+            return cached[1], cached[2]
+        k, v = (
+            rearrange(t, "b l (h d) -> b h l d", h=self.heads)
+            for t in (self.to_k(context), self.to_v(context))
+        )
+        if shared and self.cache_context and not torch.is_grad_enabled():
+            self._cached = (context, k, v)
+        return k, v
+
+
+@contextmanager
+def context_cache(model: nn.Module):
+    """Within the block, `Attention` modules of `model` compute the keys/values of an external context
+    (reference tokens, audio tokens) once and reuse them while the same tensor object is passed again."""
+    modules = [m for m in model.modules() if isinstance(m, Attention)]
+    for module in modules:
+        module.cache_context = True
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.cache_context, module._cached = False, None
 
 
 def grouped_attention(attn: Attention, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

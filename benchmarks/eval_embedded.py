@@ -1,0 +1,166 @@
+"""How well a model animates people and sentences it never saw: lip-sync, identity, stability, head speed.
+
+    python benchmarks/eval_embedded.py [--model assets/models/emo-small] [--data ../shared/data] [--seconds 3]
+
+Inputs are the held-out part of `../shared/data` (`training.splits`): the first frame of each held-out real
+clip with the clip's own voice, and the held-out photos with held-out GRID sentences and recordings. Every
+video is made with the model's own default settings and seed 0. Figures (`pipeline.metrics`):
+- lip-sync: correlation of the mouth opening with the loudness, per video, next to the same measure on the
+  real held-out clips (the ceiling of this measure);
+- identity: the 32x32 colour distance of each video's frames to every portrait; "nearest" is the share of
+  videos closest to their own portrait, "margin" the mean gap to the nearest other portrait;
+- stability: mean frame-to-frame change, generated and real;
+- head speed: measured head rotation (degrees/frame) of one portrait animated at head_speed 0.2 and 1.5;
+- time: seconds per second of video on this machine.
+Writes one JSON line to benchmarks/results_eval.jsonl and contact sheets under outputs/eval/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline import EmoPipeline  # noqa: E402
+from pipeline.audio import load_audio  # noqa: E402
+from pipeline.face import crop_face, head_poses, head_rotation_speed  # noqa: E402
+from pipeline.metrics import (  # noqa: E402
+    appearance_distance,
+    contact_sheet,
+    lipsync_correlation,
+    temporal_change,
+)
+from training.splits import is_heldout  # noqa: E402
+
+SR = 16_000
+
+
+def heldout_files(data: Path, folder: str, suffixes: tuple[str, ...]) -> list[Path]:
+    return [
+        p for p in sorted((data / folder).iterdir()) if p.suffix in suffixes and is_heldout(f"{folder}/{p.name}")
+    ]
+
+
+def real_clip(path: Path, seconds: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """First `seconds` of a held-out clip: (frames cropped like the training data, 16 kHz audio)."""
+    from training.prepare import read_video_frames
+
+    frames = []
+    for frame in read_video_frames(path, 25.0):
+        frames.append(frame)
+        if len(frames) >= round(seconds * 25):
+            break
+    crop = crop_face(frames[0], size=size)
+    box = crop.box
+    crops = np.stack([np.asarray(crop_face(f, size=size, box=box).image) for f in frames])
+    audio = load_audio(path, sampling_rate=SR, mono=True).mono[: round(seconds * SR)]
+    return crops, audio
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=str(ROOT / "assets/models/emo-small"))
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "eval")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = EmoPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    size = pipe.default_size
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    # cases: (name, portrait crop, audio, real frames or None)
+    cases = []
+    for path in heldout_files(args.data, "real", (".mp4",)):
+        frames, audio = real_clip(path, args.seconds, size)
+        cases.append((path.stem, frames[0], audio, frames))
+    voices = heldout_files(args.data, "grid_s1", (".mp4",))[:3] + heldout_files(args.data, "speech", (".flac",))
+    for i, path in enumerate(heldout_files(args.data, "faces", (".jpg", ".jpeg", ".png"))):
+        voice = voices[i % len(voices)]
+        audio = load_audio(voice, sampling_rate=SR, mono=True).mono[: round(args.seconds * SR)]
+        cases.append((path.stem, np.asarray(crop_face(path, size=size).image), audio, None))
+
+    results, videos, seconds_of_video, seconds_spent = [], [], 0.0, 0.0
+    for name, portrait, audio, real in cases:
+        started = time.time()
+        frames = pipe(portrait, audio, sampling_rate=SR, output_type="np", generator=torch.manual_seed(0)).frames
+        seconds_spent += time.time() - started
+        seconds_of_video += len(audio) / SR
+        row = {
+            "case": name,
+            "lipsync_r": lipsync_correlation(frames, audio, SR, 25.0),
+            "temporal_change": temporal_change(frames),
+        }
+        if real is not None:
+            row["real_lipsync_r"] = lipsync_correlation(real, audio, SR, 25.0)
+            row["real_temporal_change"] = temporal_change(real)
+        results.append(row)
+        videos.append(frames)
+        print(json.dumps(row), flush=True)
+
+    # identity: each video against every portrait
+    portraits = [c[1] for c in cases]
+    distances = np.array(
+        [[np.mean([appearance_distance(f, p) for f in video[::5]]) for p in portraits] for video in videos]
+    )
+    own = np.diag(distances)
+    others = np.where(np.eye(len(cases), dtype=bool), np.inf, distances).min(axis=1)
+    nearest = float(np.mean(own < others))
+    margin = float(np.mean(others - own))
+
+    # head speed: one portrait, the same voice and seed, two speeds
+    name, portrait, audio, _ = cases[0]
+    head = {}
+    for speed in (0.2, 1.5):
+        frames = pipe(
+            portrait, audio, sampling_rate=SR, head_speed=speed, output_type="np", generator=torch.manual_seed(0)
+        ).frames
+        measured = head_rotation_speed(head_poses([(f * 255).astype(np.uint8) for f in frames]))
+        head[str(speed)] = {"measured_deg_per_frame": float(np.nanmean(measured)), "temporal_change": temporal_change(frames)}
+
+    def mean(key: str) -> float:
+        values = [r[key] for r in results if key in r and np.isfinite(r[key])]
+        return float(np.mean(values)) if values else float("nan")
+
+    summary = {
+        "date": str(date.today()),
+        "model": str(args.model),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "size": size,
+        "defaults": pipe.resolved_defaults(),
+        "cases": len(cases),
+        "lipsync_r": mean("lipsync_r"),
+        "lipsync_r_clip_portraits": float(np.nanmean([r["lipsync_r"] for r in results if "real_lipsync_r" in r])),
+        "real_lipsync_r": mean("real_lipsync_r"),
+        "identity_nearest": nearest,
+        "identity_margin": margin,
+        "temporal_change": mean("temporal_change"),
+        "real_temporal_change": mean("real_temporal_change"),
+        "head_speed": head,
+        "seconds_per_second_of_video": seconds_spent / seconds_of_video,
+        "per_case": results,
+    }
+    with open(ROOT / "benchmarks" / "results_eval.jsonl", "a") as f:
+        f.write(json.dumps(summary) + "\n")
+    rows = [[c[1], *v[:: max(1, len(v) // 6)][:6]] for c, v in zip(cases, videos, strict=True)]
+    contact_sheet(rows).save(args.out / "contact_sheet.png")
+    contact_sheet(rows[:4]).save(args.out / "frame_strip.png")
+    print(json.dumps({k: v for k, v in summary.items() if k != "per_case"}, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Teaching the audio encoder what a mouth does: pretraining on the mouth opening measured in the clips.
+
+A wav2vec2 learns speech from 960 h of audio; ours, trained from nothing on a CPU, needs a direct signal.
+The prepared clips give one: the lip gap measured with MediaPipe on every frame (`pipeline.metrics`),
+normalised per video. `pretrain_audio_encoder` fits the encoder plus a small head (`MouthHead`) to predict
+it from the sound of a window of frames; the head is dropped afterwards, and the encoder's features carry
+what the backbone's audio attention needs to open and close the mouth. The stages then keep the encoder
+frozen (its features are cached once per video, like wav2vec2's).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from pipeline.audio import load_audio
+from pipeline.audio_features import SAMPLING_RATE, frame_features
+from pipeline.metrics import correlation, mouth_opening
+
+from .data import read_clips
+
+logger = logging.getLogger("training.mouth")
+
+
+def measure_clips(data_root: str | Path) -> dict[str, Path]:
+    """Mouth opening of every frame of every prepared video -> `videos/NAME/mouth.npy` (video_frames,),
+    NaN outside the clips and where no face was found. Existing files are kept. Returns name -> file."""
+    data_root = Path(data_root)
+    clips_by_video: dict[str, list] = {}
+    for clip in read_clips(data_root):
+        clips_by_video.setdefault(clip.video, []).append(clip)
+    files = {}
+    for video, clips in sorted(clips_by_video.items()):
+        target = data_root / "videos" / video / "mouth.npy"
+        if not target.is_file():
+            values = np.full(clips[0].video_frames, np.nan)
+            for clip in clips:
+                frames = [
+                    np.asarray(Image.open(clip.folder / f"{t:05d}.{clip.image_format}").convert("RGB"))
+                    for t in range(clip.num_frames)
+                ]
+                values[clip.start : clip.start + clip.num_frames] = mouth_opening(frames)
+            np.save(target, values)
+        files[video] = target
+    return files
+
+
+class MouthHead(nn.Module):
+    """Per-frame features (b, f, layers, d) -> predicted normalised mouth opening (b, f)."""
+
+    def __init__(self, num_layers: int, dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(num_layers * dim, 64), nn.GELU(), nn.Linear(64, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.mlp(features.flatten(2)).squeeze(-1)
+
+
+def _load_videos(
+    data_root: Path, feature_extractor, videos: list[str]
+) -> list[tuple[torch.Tensor, np.ndarray]]:
+    """(normalised waveform, per-video z-scored mouth opening) of each video with enough measured frames."""
+    items = []
+    for video in videos:
+        folder = data_root / "videos" / video
+        meta = json.loads((folder / "meta.json").read_text())
+        mouth = np.load(folder / "mouth.npy")
+        if np.isfinite(mouth).sum() < 25 or np.nanstd(mouth) == 0:
+            continue
+        mouth = (mouth - np.nanmean(mouth)) / np.nanstd(mouth)
+        waveform = load_audio(folder / meta["audio"]["file"], sampling_rate=SAMPLING_RATE, mono=True).mono
+        target = round(meta["num_frames"] / meta["fps"] * SAMPLING_RATE)
+        waveform = np.pad(waveform[:target], (0, max(0, target - len(waveform))))
+        values = feature_extractor(waveform, sampling_rate=SAMPLING_RATE, return_tensors="pt").input_values[0]
+        items.append((values, mouth))
+    return items
+
+
+def pretrain_audio_encoder(
+    pipe,
+    data_root: str | Path,
+    steps: int,
+    heldout: set[str] = frozenset(),
+    window_frames: int = 50,
+    batch_size: int = 16,
+    lr: float = 2e-3,
+    fps: float = 25.0,
+    seed: int = 0,
+) -> dict:
+    """Fit `pipe.audio_encoder` (+ a MouthHead) to the measured mouth opening -> {"train_r", "heldout_r"}:
+    the correlation of prediction and measure on training windows and on the videos named in `heldout`."""
+    data_root = Path(data_root)
+    videos = sorted({c.video for c in read_clips(data_root)})
+    layers = pipe.audio_projection.config.num_layers
+    train_items = _load_videos(data_root, pipe.feature_extractor, [v for v in videos if v not in heldout])
+    held_items = _load_videos(data_root, pipe.feature_extractor, [v for v in videos if v in heldout])
+    encoder = pipe.audio_encoder.train().requires_grad_(True)
+    head = MouthHead(layers, encoder.config.hidden_size)
+    optimizer = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    rng = np.random.default_rng(seed)
+    per_frame = round(SAMPLING_RATE / fps)
+    # sample windows where at least half of the frames were measured
+    starts = []
+    for i, (_, mouth) in enumerate(train_items):
+        for s in range(0, len(mouth) - window_frames + 1, 5):
+            if np.isfinite(mouth[s : s + window_frames]).mean() >= 0.5:
+                starts.append((i, s))
+    if not starts:
+        raise ValueError(f"no {window_frames}-frame window with measured mouth opening in {data_root}")
+    train_r = float("nan")
+    for step in range(steps):
+        picks = [starts[j] for j in rng.integers(0, len(starts), batch_size)]
+        audio = torch.stack(
+            [train_items[i][0][s * per_frame : (s + window_frames) * per_frame] for i, s in picks]
+        )
+        target = torch.from_numpy(
+            np.stack([train_items[i][1][s : s + window_frames] for i, s in picks])
+        ).float()
+        pred = head(frame_features(encoder, audio, window_frames, layers))
+        keep = torch.isfinite(target)
+        loss = ((pred - target.nan_to_num()) ** 2)[keep].mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([*encoder.parameters(), *head.parameters()], 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        if step % 100 == 0 or step == steps - 1:
+            train_r = correlation(pred.detach().numpy().ravel(), target.numpy().ravel())
+            logger.info("audio encoder step %d: loss %.3f, r %.3f", step, loss.item(), train_r)
+    encoder.eval().requires_grad_(False)
+
+    heldout_r = []
+    with torch.no_grad():
+        for values, mouth in held_items:
+            pred = head(frame_features(encoder, values[None], len(mouth), layers))[0].numpy()
+            heldout_r.append(correlation(pred, mouth))
+    return {"train_r": train_r, "heldout_r": float(np.nanmean(heldout_r)) if heldout_r else float("nan")}
