@@ -91,3 +91,31 @@ def test_preset_is_a_model_default(tiny_pipe, tmp_path):
     assert model_defaults(tmp_path, preset="balanced")["num_inference_steps"] == 20
     with pytest.raises(ValueError, match="unknown preset"):
         tiny_pipe.register_generation_defaults(preset="turbo")
+
+
+def test_reference_keys_values_are_computed_once_per_clip(tiny_pipe, portrait):
+    from pipeline.models.attention import Attention, context_cache
+
+    block = next(m for n, m in tiny_pipe.denoising_unet.named_modules() if n.endswith("transformer_blocks.0"))
+    calls = []
+    block.attn2.to_k.register_forward_hook(lambda *_: calls.append(1))
+    common = dict(sampling_rate=16_000, clip_length=4, num_motion_frames=2, face_mask=np.ones((32, 32)),
+                  output_type="np", num_inference_steps=3)  # fmt: skip
+    frames = tiny_pipe(
+        portrait, speech_like(0.32), generator=torch.manual_seed(0), **common
+    ).frames  # 2 clips
+    assert len(calls) == 2  # once per clip, not once per step (3) or per frame
+    assert not any(
+        m._cached is not None for m in tiny_pipe.denoising_unet.modules() if isinstance(m, Attention)
+    )
+    # the cache changes nothing: the same call with the keys/values recomputed at every step
+    from contextlib import nullcontext
+
+    import pipeline.pipeline_emo as module
+
+    module.context_cache = lambda model: nullcontext()
+    try:
+        again = tiny_pipe(portrait, speech_like(0.32), generator=torch.manual_seed(0), **common).frames
+    finally:
+        module.context_cache = context_cache
+    np.testing.assert_allclose(frames, again, atol=1e-6)
