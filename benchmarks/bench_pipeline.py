@@ -56,7 +56,10 @@ def count_flops(clip_length: int = 12, motion_frames: int = 4, size: int = 512) 
     }
 
 
-def bench(config: str, device: str, dtype: str, clips: int, steps: int, guidance: float) -> dict:
+def bench(
+    config: str, device: str, dtype: str, clips: int, steps: int, guidance: float,
+    compile_backbone: bool = False, preset: str | None = None, profile: bool = False,
+) -> dict:  # fmt: skip
     """`config`: a size name of `CONFIGS` (random weights) or a saved pipeline folder."""
     torch.manual_seed(0)
     if Path(config).is_dir():
@@ -68,7 +71,11 @@ def bench(config: str, device: str, dtype: str, clips: int, steps: int, guidance
     image = np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
     audio = np.random.default_rng(1).normal(0, 0.1, int(16000 * clips * 12 / 25)).astype(np.float32)
     kwargs = dict(sampling_rate=16_000, face_mask=np.ones((size, size)), num_inference_steps=steps,
-                  guidance_scale=guidance, output_type="none")  # fmt: skip
+                  guidance_scale=guidance, output_type="none", preset=preset)  # fmt: skip
+    if preset is not None:
+        kwargs.pop("num_inference_steps")
+    if compile_backbone:
+        pipe.denoising_unet.compile()  # torch.compile in place (nn.Module.compile): the folder still saves
     clip_times: list[float] = []
     last = [0.0]
 
@@ -79,7 +86,9 @@ def bench(config: str, device: str, dtype: str, clips: int, steps: int, guidance
         clip_times.append(now - last[0])
         last[0] = now
 
-    pipe(image, audio[:1600], **kwargs)  # warm-up
+    started = time.perf_counter()
+    pipe(image, audio[:1600], **kwargs)  # warm-up (and compilation)
+    warmup_seconds = time.perf_counter() - started
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     last[0] = time.perf_counter()
@@ -88,9 +97,12 @@ def bench(config: str, device: str, dtype: str, clips: int, steps: int, guidance
         "config": config, "device": device, "dtype": dtype, "size": size, "steps": steps,
         "guidance_scale": guidance, "clips": clips,
         "seconds_per_clip": float(np.median(clip_times[1:] if len(clip_times) > 1 else clip_times)),
-        "first_clip_seconds": clip_times[0],
+        "first_clip_seconds": clip_times[0], "warmup_seconds": warmup_seconds, "compiled": compile_backbone,
+        "preset": preset,
         "peak_cpu_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }  # fmt: skip
+    if profile:
+        result["top_ops"] = profile_step(pipe, image, audio, kwargs, device)
     if device == "cuda":
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         result["gpu"] = torch.cuda.get_device_name()
@@ -98,6 +110,35 @@ def bench(config: str, device: str, dtype: str, clips: int, steps: int, guidance
         result["cpu"] = platform.processor() or platform.machine()
         result["threads"] = torch.get_num_threads()
     return result
+
+
+def profile_step(pipe, image, audio, kwargs: dict, device: str, top: int = 12) -> list[dict]:
+    """torch.profiler over one denoising step (both guidance branches) -> the ops with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    state = {"prof": None}
+
+    def on_step(pipe, step, t, tensors):
+        if step == 0:  # the profiler covers step 1 only
+            state["prof"] = profile(activities=activities)
+            state["prof"].__enter__()
+        elif step == 1 and state["prof"] is not None:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            state["prof"].__exit__(None, None, None)
+        return tensors
+
+    pipe(
+        image,
+        audio[:1600],
+        callback_on_step_end=on_step,
+        **{**kwargs, "preset": None, "num_inference_steps": 3},
+    )
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = sorted(state["prof"].key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+    total = sum(getattr(e, key) for e in state["prof"].key_averages())
+    return [{"op": e.key, "ms": getattr(e, key) / 1000, "share": getattr(e, key) / total} for e in events]
 
 
 def main() -> None:
@@ -111,6 +152,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--guidance-scale", type=float, default=3.5)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the backbone (time it takes: warmup_seconds)"
+    )
+    parser.add_argument("--preset", help="a pipeline.presets name instead of --steps")
+    parser.add_argument(
+        "--profile", action="store_true", help="profile one denoising step: top ops by self time"
+    )
     parser.add_argument("--flops", action="store_true", help="count full-size parameters and FLOPs only")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.jsonl"))
     args = parser.parse_args()
@@ -120,7 +168,7 @@ def main() -> None:
         result = {"kind": "flops", **count_flops()}
     else:
         result = {"kind": "speed", **bench(args.config, args.device, args.dtype, args.clips, args.steps,
-                                           args.guidance_scale)}  # fmt: skip
+                                           args.guidance_scale, args.compile, args.preset, args.profile)}  # fmt: skip
     result["command"] = " ".join(["python", *sys.argv])
     print(json.dumps(result, indent=2))
     with args.out.open("a") as f:

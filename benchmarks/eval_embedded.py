@@ -47,7 +47,9 @@ SR = 16_000
 
 def heldout_files(data: Path, folder: str, suffixes: tuple[str, ...]) -> list[Path]:
     return [
-        p for p in sorted((data / folder).iterdir()) if p.suffix in suffixes and is_heldout(f"{folder}/{p.name}")
+        p
+        for p in sorted((data / folder).iterdir())
+        if p.suffix in suffixes and is_heldout(f"{folder}/{p.name}")
     ]
 
 
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--max-cases", type=int, default=0, help="first N cases only (a quick check)")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "eval")
     args = parser.parse_args(argv)
     if args.threads:
@@ -87,16 +90,22 @@ def main(argv: list[str] | None = None) -> dict:
     for path in heldout_files(args.data, "real", (".mp4",)):
         frames, audio = real_clip(path, args.seconds, size)
         cases.append((path.stem, frames[0], audio, frames))
-    voices = heldout_files(args.data, "grid_s1", (".mp4",))[:3] + heldout_files(args.data, "speech", (".flac",))
+    voices = heldout_files(args.data, "grid_s1", (".mp4",))[:3] + heldout_files(
+        args.data, "speech", (".flac",)
+    )
     for i, path in enumerate(heldout_files(args.data, "faces", (".jpg", ".jpeg", ".png"))):
         voice = voices[i % len(voices)]
         audio = load_audio(voice, sampling_rate=SR, mono=True).mono[: round(args.seconds * SR)]
         cases.append((path.stem, np.asarray(crop_face(path, size=size).image), audio, None))
 
+    if args.max_cases:
+        cases = cases[: args.max_cases]
     results, videos, seconds_of_video, seconds_spent = [], [], 0.0, 0.0
     for name, portrait, audio, real in cases:
         started = time.time()
-        frames = pipe(portrait, audio, sampling_rate=SR, output_type="np", generator=torch.manual_seed(0)).frames
+        frames = pipe(
+            portrait, audio, sampling_rate=SR, output_type="np", generator=torch.manual_seed(0)
+        ).frames
         seconds_spent += time.time() - started
         seconds_of_video += len(audio) / SR
         row = {
@@ -126,10 +135,18 @@ def main(argv: list[str] | None = None) -> dict:
     head = {}
     for speed in (0.2, 1.5):
         frames = pipe(
-            portrait, audio, sampling_rate=SR, head_speed=speed, output_type="np", generator=torch.manual_seed(0)
+            portrait,
+            audio,
+            sampling_rate=SR,
+            head_speed=speed,
+            output_type="np",
+            generator=torch.manual_seed(0),
         ).frames
         measured = head_rotation_speed(head_poses([(f * 255).astype(np.uint8) for f in frames]))
-        head[str(speed)] = {"measured_deg_per_frame": float(np.nanmean(measured)), "temporal_change": temporal_change(frames)}
+        head[str(speed)] = {
+            "measured_deg_per_frame": float(np.nanmean(measured)),
+            "temporal_change": temporal_change(frames),
+        }
 
     def mean(key: str) -> float:
         values = [r[key] for r in results if key in r and np.isfinite(r[key])]
@@ -143,7 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
         "defaults": pipe.resolved_defaults(),
         "cases": len(cases),
         "lipsync_r": mean("lipsync_r"),
-        "lipsync_r_clip_portraits": float(np.nanmean([r["lipsync_r"] for r in results if "real_lipsync_r" in r])),
+        "lipsync_r_clip_portraits": float(
+            np.nanmean([r["lipsync_r"] for r in results if "real_lipsync_r" in r])
+        ),
         "real_lipsync_r": mean("real_lipsync_r"),
         "identity_nearest": nearest,
         "identity_margin": margin,

@@ -8,6 +8,7 @@ and the UI can tell a person what the model can and cannot do.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from pipeline import EmoPipeline
 
 # The project's embedded model: small, trained by `training/`, so that the app runs on a fresh offline machine.
+logger = logging.getLogger(__name__)
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "models" / "emo-small"
 MODEL_ENV = "EMO_MODEL"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -83,6 +85,40 @@ def default_dtype(device: str) -> str:
     return "fp32" if torch.device(device).type == "cpu" else "fp16"
 
 
+GIB = 1024**3
+
+
+def memory_plan(free_bytes: int, weight_bytes: int, largest_component_bytes: int) -> list[str]:
+    """The memory options `--low-vram` turns on for a GPU with `free_bytes` free, for a model whose weights
+    take `weight_bytes` (the largest component `largest_component_bytes`), in the order of their cost:
+
+    - "vae_slicing": always (decode a clip frame by frame: a few hundred MB less, almost free);
+    - "attention_slicing": when the weights plus ~6 GiB of activations (a 512 px clip of 12 + 4 frames, two
+      guidance branches) do not fit;
+    - "model_cpu_offload": when the weights plus ~2 GiB do not fit, but the largest component does;
+    - "sequential_cpu_offload": otherwise (one layer at a time on the GPU: slowest, smallest).
+    The activation margins are estimates for the SD 1.5-sized model, not yet measured on a GPU.
+    """
+    plan = ["vae_slicing"]
+    if free_bytes >= weight_bytes + 6 * GIB:
+        return plan
+    plan.append("attention_slicing")
+    if free_bytes >= weight_bytes + 2 * GIB:
+        return plan
+    if free_bytes >= largest_component_bytes + 2 * GIB:
+        return [*plan, "model_cpu_offload"]
+    return [*plan, "sequential_cpu_offload"]
+
+
+def _weight_bytes(pipe: EmoPipeline) -> tuple[int, int]:
+    sizes = [
+        sum(p.numel() * p.element_size() for p in c.parameters())
+        for c in pipe.components.values()
+        if isinstance(c, torch.nn.Module)
+    ]
+    return sum(sizes), max(sizes)
+
+
 def load_pipeline(
     model: str | os.PathLike | None = None,
     *,
@@ -96,8 +132,8 @@ def load_pipeline(
         model: None (embedded / `$EMO_MODEL`), a local folder, or a hub id.
         device: "cuda", "cuda:1", "cpu", ...; default `default_device()`.
         dtype: "fp16", "bf16" or "fp32"; default `default_dtype(device)`.
-        low_vram: keep each component on the CPU until it runs (model CPU offload, GPU only), and compute
-            attention and VAE decoding in slices: less GPU memory, slower.
+        low_vram: fit the model in the GPU memory that is free (`memory_plan`: VAE slicing, attention slicing,
+            model or sequential CPU offload, the cheapest combination that fits); on the CPU, slicing only.
 
     Raises:
         ModelError: the model is not available, the device does not exist, or the dtype is unknown.
@@ -118,11 +154,22 @@ def load_pipeline(
     except (OSError, ValueError, KeyError, TypeError) as error:
         reason = " ".join(str(error).split())
         raise ModelError(f"could not load the model in '{path}': {reason}") from error
-    if low_vram:
-        pipe.enable_attention_slicing()
+    if not low_vram:
+        return pipe.to(torch_device)
+    if torch_device.type == "cpu":  # memory is not the limit there: only the cheap slicing
+        plan = ["vae_slicing", "attention_slicing"]
+    else:
+        free, _ = torch.cuda.mem_get_info(torch_device)
+        plan = memory_plan(free, *_weight_bytes(pipe))
+    logger.info("--low-vram: %s", ", ".join(plan))
+    if "vae_slicing" in plan:
         pipe.vae.enable_slicing()
-    if low_vram and torch_device.type != "cpu":
+    if "attention_slicing" in plan:
+        pipe.enable_attention_slicing()
+    if "model_cpu_offload" in plan:
         pipe.enable_model_cpu_offload(device=torch_device)
+    elif "sequential_cpu_offload" in plan:
+        pipe.enable_sequential_cpu_offload(device=torch_device)
     else:
         pipe.to(torch_device)
     return pipe

@@ -54,6 +54,16 @@ def test_load_pipeline_applies_dtype_and_low_vram_slicing(model_dir):
     assert load_pipeline(model_dir, device="cpu").dtype == torch.float32  # CPU default
 
 
+def test_memory_plan_picks_the_cheapest_combination_that_fits():
+    from emo_app.models import GIB, memory_plan
+
+    weights, largest = int(2.6 * GIB), int(1.7 * GIB)  # an SD 1.5-sized EMO in fp16
+    assert memory_plan(40 * GIB, weights, largest) == ["vae_slicing"]
+    assert memory_plan(7 * GIB, weights, largest) == ["vae_slicing", "attention_slicing"]
+    assert memory_plan(4 * GIB, weights, largest) == ["vae_slicing", "attention_slicing", "model_cpu_offload"]
+    assert memory_plan(2 * GIB, weights, largest)[-1] == "sequential_cpu_offload"
+
+
 def test_describe_model_counts_parameters_and_flags_the_embedded_model(model_dir, monkeypatch):
     pipe = load_pipeline(model_dir, device="cpu")
     fresh = build_pipeline("tiny")

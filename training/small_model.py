@@ -13,7 +13,9 @@ from their last checkpoint, so the same command continues after an interruption 
 4. audio: a log-mel audio encoder pretrained to predict the measured mouth opening, frozen afterwards;
 5. stage 1 (images: ReferenceNet, backbone, face locator), stage 2 (clips with audio: + temporal and
    audio layers, mouth-weighted loss), stage 3 (speed layers on the measured head speed) with `training.train`;
-6. export: stage 3's pipeline with this model's generation defaults, to `--out`.
+6. decoder: the VAE's decoder trained further with its encoder frozen (the latent space of the stages
+   stays; can run alongside them: `python -c "from training.small_model import ..."`), then export: stage
+   3's pipeline with the refined decoder and this model's generation defaults, to `--out`.
 """
 
 from __future__ import annotations
@@ -138,6 +140,55 @@ def fit_vae(
         std = vae.encode(pool[:128]).latent_dist.mode().std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     return mse.item()
+
+
+def refine_decoder(vae, roots: list[Path], steps: int, batch_size: int = 8, lr: float = 5e-4) -> float:
+    """Train the VAE's decoder further with its encoder frozen -> final reconstruction MSE of whole frames.
+
+    The latent space (the encoder) stays the one the stages were trained in, so a sharper decoder can
+    replace the old one in a trained pipeline; it runs alongside the stages."""
+    dataset = EmoDataset([str(r) for r in roots], RESOLUTION, seed=1)
+    rng = np.random.default_rng(1)
+    order = rng.permutation(len(dataset) * 3) % len(dataset)
+    pool = torch.stack([dataset[int(i)]["pixel_values"][0] for i in order])
+    vae.requires_grad_(False)
+    vae.decoder.train().requires_grad_(True)
+    vae.post_quant_conv.requires_grad_(True)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
+    generator = torch.Generator().manual_seed(1)
+    mse = torch.tensor(float("nan"))
+    for step in range(steps):
+        batch = pool[torch.randint(0, len(pool), (batch_size,), generator=generator)]
+        if step % 2:
+            batch = batch.flip(-1)
+        with torch.no_grad():
+            latents = vae.encode(batch).latent_dist.sample(generator)
+        recon = vae.decode(latents).sample
+        mse = torch.nn.functional.mse_loss(recon, batch)
+        loss = mse + (recon - batch).abs().mean()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if step % 100 == 0 or step == steps - 1:
+            logger.info("decoder step %d: reconstruction mse %.4f", step, mse.item())
+    vae.eval().requires_grad_(False)
+    return mse.item()
+
+
+def refined_vae(work: Path, vae_dir: Path, roots: list[Path], steps: int) -> Path:
+    """`work/vae_decoder`: the fitted VAE with its decoder trained `steps` more (done once)."""
+    from diffusers import AutoencoderKL
+
+    out = work / "vae_decoder"
+    if not (out / "config.json").is_file():
+        vae = AutoencoderKL.from_pretrained(vae_dir / "vae")
+        mse = refine_decoder(vae, roots, steps)
+        vae.save_pretrained(out)
+        (work / "vae_decoder.json").write_text(json.dumps({"mse": mse, "steps": steps}))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ 5. stages
@@ -289,7 +340,13 @@ def main(argv: list[str] | None = None) -> None:
         if done(f"stage{stage}", started):
             return
 
-    pipe = EmoPipeline.from_pretrained(previous)
+    started = time.time()
+    decoder = refined_vae(work, vae_dir, [clips, photos], args.decoder_steps)
+    done("decoder", started)
+
+    from diffusers import AutoencoderKL
+
+    pipe = EmoPipeline.from_pretrained(previous, vae=AutoencoderKL.from_pretrained(decoder))
     pipe.register_generation_defaults(**GENERATION_DEFAULTS)
     if args.out.exists():
         shutil.rmtree(args.out)
