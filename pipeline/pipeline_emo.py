@@ -392,7 +392,8 @@ class EmoPipeline(DiffusionPipeline):
         (`EMO_GENERATION_DEFAULTS`); `resolved_defaults()` shows the result.
 
         Args:
-            reference_image: the portrait (a square face crop works best; resized to height x width).
+            reference_image: the portrait (a square face crop works best; resized to height x width): a PIL
+                image, an (H, W, 3) array (uint8 0..255, or floats in [0, 1]) or a tensor.
             audio: a file path (any format ffmpeg reads), or a 1-D float array with `sampling_rate` (Hz).
             face_mask: (H, W) region the face may occupy (EMO's face locator); default: the reference's
                 face box, widened (all ones if no face is found).
@@ -454,6 +455,9 @@ class EmoPipeline(DiffusionPipeline):
         speed_tokens = self.encode_speed(head_speed, padded_frames, device)
 
         # 4. Reference image -> latents -> ReferenceNet tokens (once); face mask -> face-locator features
+        if isinstance(reference_image, np.ndarray) and reference_image.dtype == np.uint8:
+            # diffusers reads numpy images as floats in [0, 1]; a photo array is 0..255
+            reference_image = PIL.Image.fromarray(reference_image).convert("RGB")
         image = self.image_processor.preprocess(reference_image, height=height, width=width)
         reference_pil = self.image_processor.postprocess(image, output_type="pil")[0]
         reference_latents = self.encode_image(image)

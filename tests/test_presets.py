@@ -119,3 +119,17 @@ def test_reference_keys_values_are_computed_once_per_clip(tiny_pipe, portrait):
     finally:
         module.context_cache = context_cache
     np.testing.assert_allclose(frames, again, atol=1e-6)
+
+
+def test_a_uint8_array_portrait_is_read_as_a_photo(tiny_pipe, portrait):
+    """diffusers reads numpy images as floats in [0, 1]: a 0..255 photo array must give the PIL result."""
+    from PIL import Image
+
+    common = dict(sampling_rate=16_000, clip_length=4, num_motion_frames=2, face_mask=np.ones((32, 32)),
+                  output_type="np", num_inference_steps=2)  # fmt: skip
+    audio = speech_like(0.16)
+    as_array = tiny_pipe(portrait, audio, generator=torch.manual_seed(0), **common).frames
+    as_pil = tiny_pipe(Image.fromarray(portrait), audio, generator=torch.manual_seed(0), **common).frames
+    as_float = tiny_pipe(portrait / 255.0, audio, generator=torch.manual_seed(0), **common).frames
+    np.testing.assert_allclose(as_array, as_pil, atol=1e-6)
+    np.testing.assert_allclose(as_float, as_pil, atol=1e-4)
