@@ -199,8 +199,8 @@ def describe_model(pipe: EmoPipeline, model_path: str | os.PathLike) -> dict:
     size = f"{resolution}x{resolution} px, {parameters / 1e6:.0f} M parameters"
     if embedded:
         summary = (
-            f"The project's small stand-in model ({size}), trained briefly on synthetic videos of one face: "
-            "it shows the whole pipeline working offline, not EMO's quality (see its model card)."
+            f"The project's small embedded model ({size}), trained from scratch on a CPU on real talking faces: "
+            "it animates your photo and moves the lips with the voice, blurrily (see its model card)."
         )
     else:
         summary = f"Model '{_model_name(path)}' ({size})."

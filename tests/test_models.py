@@ -84,4 +84,4 @@ def test_describe_model_counts_parameters_and_flags_the_embedded_model(model_dir
     monkeypatch.setattr(models, "EMBEDDED_MODEL_DIR", model_dir)
     embedded = describe_model(pipe, model_dir)
     assert (embedded["name"], embedded["embedded"]) == ("emo-small (embedded)", True)
-    assert embedded["summary"].startswith("The project's small stand-in model (32x32 px, 3 M parameters)")
+    assert embedded["summary"].startswith("The project's small embedded model (32x32 px, 3 M parameters)")
