@@ -200,7 +200,7 @@ def describe_model(pipe: EmoPipeline, model_path: str | os.PathLike) -> dict:
     if embedded:
         summary = (
             f"The project's small embedded model ({size}), trained from scratch on a CPU on real talking faces: "
-            "it animates your photo and moves the lips with the voice, blurrily (see its model card)."
+            "it follows the photo's layout and colours, not yet its face or the voice (see its model card)."
         )
     else:
         summary = f"Model '{_model_name(path)}' ({size})."

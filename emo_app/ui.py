@@ -53,11 +53,11 @@ FULL_SIZE_HOWTO = """\
 """
 
 SMALL_MODEL_NOTE = """\
-- **It can** run the whole EMO pipeline on any computer, offline, in seconds to minutes on a CPU: face crop,
-  voice features, clip-by-clip diffusion with motion frames, and an mp4 with your sound.
-- **It cannot** animate your portrait yet: it was trained on one face (the example astronaut), so it draws
-  that face whatever photo you give, at {resolution}×{resolution} pixels, with a gently moving head; its audio
-  encoder is untrained, so the lips do not follow the voice. A model trained on real talking videos replaces it.
+- **It can** run the whole EMO pipeline on any computer, offline, about 8 s per second of video on a 2-core
+  CPU: it follows your photo's framing, background, hair and clothing colours, at {resolution}×{resolution}
+  pixels, and writes an mp4 with your sound.
+- **It cannot** keep the face recognisable (faces come out blurry and generic), and its lips do not yet
+  follow the voice measurably: it was trained for two hours on a CPU. For real quality, load a full-size model.
 """
 
 

@@ -73,7 +73,7 @@ SMALL = {
     "face_locator": dict(block_out_channels=(8, 16, 32, 32)),
 }
 # the model's own settings, saved in its model_index.json (see benchmarks/bench_presets.py for the choice)
-GENERATION_DEFAULTS = dict(clip_length=CLIP_LENGTH, num_motion_frames=MOTION_FRAMES, fps=25.0)
+GENERATION_DEFAULTS = dict(clip_length=CLIP_LENGTH, num_motion_frames=MOTION_FRAMES, fps=25.0, preset="fast")
 
 
 # ------------------------------------------------------------------------------------------------ 1. data
@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stage1-steps", type=int, default=1200)
     parser.add_argument("--stage2-steps", type=int, default=1200)
     parser.add_argument("--stage3-steps", type=int, default=200)
+    parser.add_argument(
+        "--decoder-steps", type=int, default=1500, help="VAE decoder refinement (frozen encoder)"
+    )
     parser.add_argument(
         "--stop-after", choices=["data", "mouth", "vae", "audio", "stage1", "stage2", "stage3"]
     )
