@@ -32,7 +32,7 @@ from pipeline.audio import load_audio, write_wav  # noqa: E402
 from pipeline.face import crop_face  # noqa: E402
 from pipeline.metrics import lipsync_correlation, psnr, ssim  # noqa: E402
 from pipeline.presets import PRESETS  # noqa: E402
-from training.splits import is_heldout  # noqa: E402
+from training.splits import heldout_files  # noqa: E402
 
 SR = 16_000
 
@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     pipe = EmoPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    faces = [p for p in sorted((args.data / "faces").iterdir()) if is_heldout(f"faces/{p.name}")]
-    voices = [p for p in sorted((args.data / "grid_s1").glob("*.mp4")) if is_heldout(f"grid_s1/{p.name}")]
+    faces = heldout_files(args.data, "faces", (".jpg", ".jpeg", ".png"))
+    voices = heldout_files(args.data, "grid_s1", (".mp4",))
     portrait = crop_face(faces[0], size=pipe.default_size).image
     voice = load_audio(voices[0], sampling_rate=SR, mono=True).mono
     audio = voice[: round(args.seconds * SR)]

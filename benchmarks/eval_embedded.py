@@ -40,17 +40,9 @@ from pipeline.metrics import (  # noqa: E402
     lipsync_correlation,
     temporal_change,
 )
-from training.splits import is_heldout  # noqa: E402
+from training.splits import heldout_files  # noqa: E402
 
 SR = 16_000
-
-
-def heldout_files(data: Path, folder: str, suffixes: tuple[str, ...]) -> list[Path]:
-    return [
-        p
-        for p in sorted((data / folder).iterdir())
-        if p.suffix in suffixes and is_heldout(f"{folder}/{p.name}")
-    ]
 
 
 def real_clip(path: Path, seconds: float, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -32,7 +32,7 @@ import torch
 from pipeline import EmoPipeline
 from pipeline.audio import Audio, AudioLoadError, load_audio
 from pipeline.face import FaceCrop, NoFaceError, PasteBack, crop_face, face_mask, to_rgb_array
-from pipeline.pipeline_emo import num_video_frames
+from pipeline.pipeline_emo import num_video_frames, resolve_settings
 from pipeline.presets import PRESETS
 
 from .video import VideoWriter
@@ -124,23 +124,18 @@ class GenerationSettings:
     def with_model_defaults(self, defaults: dict) -> GenerationSettings:
         """These settings with every model setting left as None taken from `defaults`
         (`EmoPipeline.resolved_defaults()` or `emo_app.models.model_defaults(path)`)."""
-        preset = self.preset if self.preset is not None else defaults.get("preset")
-        if self.steps is not None:
-            steps = self.steps
-        elif self.preset is not None:
-            steps = PRESETS[self.preset].num_inference_steps
-        else:
-            steps = defaults["num_inference_steps"]
+        resolved = resolve_settings(
+            defaults, preset=self.preset, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+            head_speed=self.head_speed, fps=self.fps, clip_length=self.clip_length,
+        )  # fmt: skip
         return replace(
             self,
-            preset=preset,
-            steps=steps,
-            guidance_scale=self.guidance_scale
-            if self.guidance_scale is not None
-            else defaults["guidance_scale"],
-            head_speed=self.head_speed if self.head_speed is not None else defaults["head_speed"],
-            fps=self.fps if self.fps is not None else defaults["fps"],
-            clip_length=self.clip_length if self.clip_length is not None else defaults["clip_length"],
+            preset=resolved["preset"],
+            steps=resolved["num_inference_steps"],
+            guidance_scale=resolved["guidance_scale"],
+            head_speed=resolved["head_speed"],
+            fps=resolved["fps"],
+            clip_length=resolved["clip_length"],
         )
 
     def require_resolved(self) -> None:

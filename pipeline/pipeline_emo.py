@@ -333,17 +333,21 @@ class EmoPipeline(DiffusionPipeline):
         aud = torch.cat([audio if use_audio else torch.zeros_like(audio) for _, use_audio in selected])
         return ref, aud
 
-    def _predict(self, latents, t, branch_inputs, motion, speed, face, branches) -> list[torch.Tensor]:
+    def _predict(
+        self, latents, t, reference, audio, built, motion, speed, face, branches
+    ) -> list[torch.Tensor]:
         """Backbone predictions for every guidance branch: one batched pass, or one pass per branch.
 
-        branch_inputs(selected) -> (reference tokens, audio tokens) of those branches; the caller keeps them
-        for the whole clip, so the backbone sees the same reference tensors at every step (cached keys/values).
+        built: the branches' (reference tokens, audio tokens), filled on first use and kept by the caller for
+        the whole clip, so the backbone sees the same reference tensors at every step (cached keys/values).
         """
         unet = self.denoising_unet
 
         def run(selected: tuple) -> list[torch.Tensor]:
             n = len(selected)
-            ref, aud = branch_inputs(selected)
+            if selected not in built:
+                built[selected] = self._branch_inputs(reference, audio, selected)
+            ref, aud = built[selected]
             out = unet(
                 latents.to(unet.dtype).repeat(n, 1, 1, 1, 1),
                 t,
@@ -491,14 +495,6 @@ class EmoPipeline(DiffusionPipeline):
 
                 # 5b. Denoising loop (the branches' conditions are built once per clip)
                 clip_audio, built = audio_tokens[:, frames_slice], {}
-
-                def branch_inputs(
-                    selected: tuple, clip_audio=clip_audio, built=built, reference=reference_tokens
-                ) -> tuple[dict, torch.Tensor]:
-                    if selected not in built:
-                        built[selected] = self._branch_inputs(reference, clip_audio, selected)
-                    return built[selected]
-
                 scheduler.set_timesteps(num_inference_steps, device=device)
                 latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=torch.float32)
                 latents = latents * scheduler.init_noise_sigma
@@ -509,8 +505,8 @@ class EmoPipeline(DiffusionPipeline):
                     model_input = scheduler.scale_model_input(latents, t)
                     guided = i < guided_steps
                     preds = self._predict(
-                        model_input, t, branch_inputs, motion_features, speed_tokens[:, frames_slice],
-                        face_features, branches if guided else branches[:1],
+                        model_input, t, reference_tokens, clip_audio, built, motion_features,
+                        speed_tokens[:, frames_slice], face_features, branches if guided else branches[:1],
                     )  # fmt: skip
                     noise_pred = (
                         combine_guidance(preds, guidance_scale, reference_guidance_scale)

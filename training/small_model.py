@@ -37,7 +37,7 @@ from .config import config_from_dict
 from .data import EmoDataset
 from .photos import PHOTO_EXTENSIONS, prepare_photos
 from .prepare import PrepareOptions, prepare
-from .splits import is_heldout
+from .splits import hash_bucket, is_heldout
 from .train import train
 
 logger = logging.getLogger("training.small_model")
@@ -101,45 +101,63 @@ def prepare_data(data: Path, work: Path, grid_every: int, workers: int) -> tuple
 
 
 # ------------------------------------------------------------------------------------------------ 3. vae
-def fit_vae(
-    vae, roots: list[Path], steps: int, batch_size: int = 16, lr: float = 1e-3, crop_fraction: float = 0.75
-) -> float:
-    """Fit `vae` as an autoencoder on frames of `roots` (L1 + MSE, tiny KL) -> final reconstruction MSE of
-    whole frames. The first `crop_fraction` of the steps see random 64 px crops (the VAE is convolutional).
+def _frame_pool(roots: list[Path], seed: int) -> torch.Tensor:
+    """Three random frames per clip of `roots`, (n, 3, R, R) in [-1, 1]."""
+    dataset = EmoDataset([str(r) for r in roots], RESOLUTION, seed=seed)
+    order = np.random.default_rng(seed).permutation(len(dataset) * 3) % len(dataset)
+    return torch.stack([dataset[int(i)]["pixel_values"][0] for i in order])
 
-    Sets the latent scaling factor to 1 / std of the latents (as SD's 0.18215)."""
-    dataset = EmoDataset([str(r) for r in roots], RESOLUTION, seed=0)
-    rng = np.random.default_rng(0)
-    pool = torch.stack(
-        [dataset[int(i)]["pixel_values"][0] for i in rng.permutation(len(dataset) * 3) % len(dataset)]
-    )
-    vae.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
+
+def _train_autoencoder(
+    vae, pool: torch.Tensor, params: list, steps: int, batch_size: int, lr: float, seed: int,
+    train_encoder: bool, crop_fraction: float = 0.0, name: str = "vae",
+) -> float:  # fmt: skip
+    """Reconstruction training of `params` (L1 + MSE, plus a tiny KL when the encoder trains) on random
+    batches of `pool`, mirrored every other step; the first `crop_fraction` of the steps see random 64 px
+    crops (the VAE is convolutional: 4x cheaper). Returns the last reconstruction MSE."""
+    optimizer = torch.optim.AdamW(params, lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     mse = torch.tensor(float("nan"))
     for step in range(steps):
         batch = pool[torch.randint(0, len(pool), (batch_size,), generator=generator)]
-        if step < crop_fraction * steps:  # 64 px crops first (4x cheaper), whole frames at the end
+        if step < crop_fraction * steps:
             y, x = torch.randint(0, RESOLUTION - 64 + 1, (2,), generator=generator).tolist()
             batch = batch[..., y : y + 64, x : x + 64]
         if step % 2:
             batch = batch.flip(-1)
-        posterior = vae.encode(batch).latent_dist
-        recon = vae.decode(posterior.sample(generator)).sample
+        with torch.set_grad_enabled(train_encoder):
+            posterior = vae.encode(batch).latent_dist
+            latents = posterior.sample(generator)
+        recon = vae.decode(latents).sample
         mse = torch.nn.functional.mse_loss(recon, batch)
-        loss = mse + (recon - batch).abs().mean() + 1e-6 * posterior.kl().mean()
+        loss = mse + (recon - batch).abs().mean()
+        if train_encoder:
+            loss = loss + 1e-6 * posterior.kl().mean()
         loss.backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
         if step % 100 == 0 or step == steps - 1:
-            logger.info("vae step %d: reconstruction mse %.4f", step, mse.item())
+            logger.info("%s step %d: reconstruction mse %.4f", name, step, mse.item())
     vae.eval().requires_grad_(False)
+    return mse.item()
+
+
+def fit_vae(
+    vae, roots: list[Path], steps: int, batch_size: int = 16, lr: float = 1e-3, crop_fraction: float = 0.75
+) -> float:
+    """Fit `vae` as an autoencoder on frames of `roots` -> final reconstruction MSE of whole frames; the
+    first `crop_fraction` of the steps on 64 px crops. Sets the latent scaling factor to 1 / std of the
+    latents (as SD's 0.18215)."""
+    pool = _frame_pool(roots, seed=0)
+    vae.train().requires_grad_(True)
+    mse = _train_autoencoder(vae, pool, list(vae.parameters()), steps, batch_size, lr, seed=0,
+                             train_encoder=True, crop_fraction=crop_fraction)  # fmt: skip
     with torch.no_grad():
         std = vae.encode(pool[:128]).latent_dist.mode().std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
-    return mse.item()
+    return mse
 
 
 def refine_decoder(vae, roots: list[Path], steps: int, batch_size: int = 8, lr: float = 5e-4) -> float:
@@ -147,35 +165,13 @@ def refine_decoder(vae, roots: list[Path], steps: int, batch_size: int = 8, lr: 
 
     The latent space (the encoder) stays the one the stages were trained in, so a sharper decoder can
     replace the old one in a trained pipeline; it runs alongside the stages."""
-    dataset = EmoDataset([str(r) for r in roots], RESOLUTION, seed=1)
-    rng = np.random.default_rng(1)
-    order = rng.permutation(len(dataset) * 3) % len(dataset)
-    pool = torch.stack([dataset[int(i)]["pixel_values"][0] for i in order])
+    pool = _frame_pool(roots, seed=1)
     vae.requires_grad_(False)
     vae.decoder.train().requires_grad_(True)
     vae.post_quant_conv.requires_grad_(True)
     params = [p for p in vae.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
-    generator = torch.Generator().manual_seed(1)
-    mse = torch.tensor(float("nan"))
-    for step in range(steps):
-        batch = pool[torch.randint(0, len(pool), (batch_size,), generator=generator)]
-        if step % 2:
-            batch = batch.flip(-1)
-        with torch.no_grad():
-            latents = vae.encode(batch).latent_dist.sample(generator)
-        recon = vae.decode(latents).sample
-        mse = torch.nn.functional.mse_loss(recon, batch)
-        loss = mse + (recon - batch).abs().mean()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        if step % 100 == 0 or step == steps - 1:
-            logger.info("decoder step %d: reconstruction mse %.4f", step, mse.item())
-    vae.eval().requires_grad_(False)
-    return mse.item()
+    return _train_autoencoder(vae, pool, params, steps, batch_size, lr, seed=1, train_encoder=False,
+                              name="decoder")  # fmt: skip
 
 
 def refined_vae(work: Path, vae_dir: Path, roots: list[Path], steps: int) -> Path:
@@ -356,13 +352,6 @@ def main(argv: list[str] | None = None) -> None:
     pipe.save_pretrained(args.out)
     shutil.copy(previous / "training_config.yaml", args.out / "training_config.yaml")
     logger.info("small model -> %s", args.out)
-
-
-def hash_bucket(name: str, buckets: int = 10) -> int:
-    """A stable bucket of a name (keeps a tenth of the training GRID sentences out of audio pretraining)."""
-    import hashlib
-
-    return int(hashlib.sha1(name.encode()).hexdigest(), 16) % buckets
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ Paths are relative to the data root with forward slashes, e.g. "real/x.mp4", "gr
 from __future__ import annotations
 
 import hashlib
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 # Substrings of file names (lower case) naming a person kept out of training, with where they appear.
 HELDOUT_PEOPLE = (
@@ -35,8 +35,9 @@ HASHED_FOLDERS = ("grid_s1", "speech")
 HASHED_FRACTION = 10  # one in this many
 
 
-def _hash_bucket(name: str) -> int:
-    return int(hashlib.sha1(name.encode()).hexdigest(), 16) % HASHED_FRACTION
+def hash_bucket(name: str, buckets: int = HASHED_FRACTION) -> int:
+    """A stable bucket in [0, buckets) of a name (sha1, the same on every machine and Python)."""
+    return int(hashlib.sha1(name.encode()).hexdigest(), 16) % buckets
 
 
 def is_heldout(relpath: str) -> bool:
@@ -45,7 +46,16 @@ def is_heldout(relpath: str) -> bool:
     name = path.name.lower()
     if any(person in name for person in HELDOUT_PEOPLE):
         return True
-    return bool(path.parts) and path.parts[0] in HASHED_FOLDERS and _hash_bucket(path.stem) == 0
+    return bool(path.parts) and path.parts[0] in HASHED_FOLDERS and hash_bucket(path.stem) == 0
+
+
+def heldout_files(data_root: Path, folder: str, suffixes: tuple[str, ...]) -> list[Path]:
+    """The held-out files of `data_root/folder` with one of `suffixes`, sorted (what evaluations use)."""
+    return [
+        p
+        for p in sorted((data_root / folder).iterdir())
+        if p.suffix.lower() in suffixes and is_heldout(f"{folder}/{p.name}")
+    ]
 
 
 def split(relpaths: list[str]) -> tuple[list[str], list[str]]:
