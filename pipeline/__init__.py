@@ -17,6 +17,8 @@ _EXPORTS = {
     "AudioProjection": ".models",
     "EmoUNet3DModel": ".models",
     "FaceLocator": ".models",
+    "IdentityProjection": ".models",
+    "MelAudioEncoder": ".models",
     "ReferenceNet": ".models",
     "SpeedEncoder": ".models",
 }

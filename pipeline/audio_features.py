@@ -61,3 +61,34 @@ def frame_features(
     exactly `num_frames` video frames -> (b, num_frames, num_layers, hidden)."""
     out = audio_encoder(input_values, output_hidden_states=True)
     return resample_states(torch.stack(out.hidden_states[-num_layers:], dim=1).float(), num_frames)
+
+
+@torch.no_grad()
+def hallo_frame_features(
+    audio_encoder,
+    feature_extractor,
+    waveform: np.ndarray,
+    num_frames: int,
+    padded_frames: int,
+    fps: float,
+    num_layers: int,
+) -> torch.Tensor:
+    """Hallo's audio features: 16 kHz waveform -> (padded_frames, num_layers, hidden).
+
+    The waveform is normalised as a whole, then padded with zeros by `padded_frames - num_frames` frames of
+    `16000 // fps` samples; wav2vec2's convolutional features are linearly interpolated (align_corners) to
+    `padded_frames` steps before the feature projection and the transformer, whose last `num_layers` hidden
+    states (the layer outputs) are kept. One pass, no chunks.
+    """
+    values = feature_extractor(waveform, sampling_rate=SAMPLING_RATE, return_tensors="pt").input_values
+    values = F.pad(values, (0, (padded_frames - num_frames) * (SAMPLING_RATE // int(fps))))
+
+    def to_frame_rate(module, inputs, output):  # (b, c, t) at ~50 Hz -> (b, c, padded_frames)
+        return F.interpolate(output, size=padded_frames, mode="linear", align_corners=True)
+
+    hook = audio_encoder.feature_extractor.register_forward_hook(to_frame_rate)
+    try:
+        out = audio_encoder(values.to(audio_encoder.device, audio_encoder.dtype), output_hidden_states=True)
+    finally:
+        hook.remove()
+    return torch.stack(out.hidden_states[-num_layers:], dim=1)[0].transpose(0, 1).float()

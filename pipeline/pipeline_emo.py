@@ -4,6 +4,10 @@
 embeddings (once) -> reference image through VAE and ReferenceNet (once) and face-locator features ->
 clip by clip: motion-frame features through ReferenceNet (once per clip), the DDIM denoising loop with
 classifier-free guidance batched into one backbone pass, VAE decode -> output.
+
+The same pipeline runs Hallo's network (converted by `pipeline.hallo`): identity tokens from a face
+embedding (`identity_projection`), region masks for its audio modules, and the pipeline-level switches of
+`pipeline.behaviour.Behaviour` saved in the model folder.
 """
 
 from __future__ import annotations
@@ -24,8 +28,17 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-from .audio_features import SAMPLING_RATE, wav2vec_frame_features
-from .models import AudioProjection, EmoUNet3DModel, FaceLocator, MelAudioEncoder, ReferenceNet, SpeedEncoder
+from .audio_features import SAMPLING_RATE, hallo_frame_features, wav2vec_frame_features
+from .behaviour import Behaviour
+from .models import (
+    AudioProjection,
+    EmoUNet3DModel,
+    FaceLocator,
+    IdentityProjection,
+    MelAudioEncoder,
+    ReferenceNet,
+    SpeedEncoder,
+)
 from .models.attention import context_cache
 from .presets import get_preset, make_scheduler
 
@@ -57,6 +70,23 @@ def resolve_settings(model_defaults: dict | None, **arguments) -> dict:
 
 
 @dataclass
+class ClipConditions:
+    """Everything the backbone reads for one clip, before the guidance branches are formed."""
+
+    reference: dict[str, torch.Tensor]  # ReferenceNet tokens of the reference, key -> (1, s, c)
+    motion: dict[str, torch.Tensor] | None  # motion-frame features, key -> (1, n, ...)
+    motion_null: (
+        dict[str, torch.Tensor] | None
+    )  # the unconditional branch's own (Hallo's interleave), or None
+    audio: torch.Tensor  # (1, f, k, d)
+    speed: torch.Tensor | None  # (1, f, d)
+    face: torch.Tensor  # (1, c, h, w) face-locator features
+    identity: tuple[torch.Tensor, torch.Tensor] | None  # (null, conditional) identity tokens, (1, k, d) each
+    region_masks: dict[tuple[int, int], torch.Tensor] | None  # (h, w) -> (1, h*w, 3)
+    region_weights: tuple[float, float, float]
+
+
+@dataclass
 class EmoPipelineOutput(BaseOutput):
     """frames: list of PIL images | (f, H, W, 3) float array in [0, 1] | (f, 3, H, W) tensor | None ("none").
 
@@ -75,13 +105,16 @@ def num_video_frames(num_samples: int, sampling_rate: int, fps: float) -> int:
 
 
 def combine_guidance(
-    preds: Sequence[torch.Tensor], guidance_scale: float, reference_guidance_scale: float
+    preds: Sequence[torch.Tensor], guidance_scale: float, reference_guidance_scale: float, joint: bool = False
 ) -> torch.Tensor:
     """Classifier-free guidance over the branches made by `EmoPipeline._branches`, in that order.
 
     Branches: full (reference + audio), then no-audio if `guidance_scale != 1`, then no-condition if
     `reference_guidance_scale != 1`. eps = eps_none + s_ref (eps_ref - eps_none) + s_audio (eps_full - eps_ref).
+    joint (Hallo): full, then no-condition if `guidance_scale != 1`; eps = eps_none + s (eps_full - eps_none).
     """
+    if joint:
+        return preds[0] if len(preds) == 1 else preds[1] + guidance_scale * (preds[0] - preds[1])
     full, rest = preds[0], list(preds[1:])
     no_audio = rest.pop(0) if guidance_scale != 1 else None
     no_cond = rest.pop(0) if reference_guidance_scale != 1 else None
@@ -97,12 +130,15 @@ class EmoPipeline(DiffusionPipeline):
 
     Components: `vae` (AutoencoderKL), `reference_net` (ReferenceNet), `denoising_unet` (EmoUNet3DModel),
     `face_locator`, `audio_encoder` (transformers Wav2Vec2Model, or the small `MelAudioEncoder`) with its `feature_extractor`,
-    `audio_projection`, `speed_encoder`, `scheduler` (DDIM or any diffusers scheduler with `step`).
+    `audio_projection`, `speed_encoder` (None: no speed layers), `scheduler` (DDIM or any diffusers scheduler
+    with `step`), `identity_projection` (face embedding -> identity tokens; Hallo's models, else None).
     """
 
     model_cpu_offload_seq = (
-        "audio_encoder->audio_projection->speed_encoder->vae->reference_net->face_locator->denoising_unet"
+        "audio_encoder->audio_projection->speed_encoder->identity_projection->vae->reference_net->face_locator"
+        "->denoising_unet"
     )
+    _optional_components = ["speed_encoder", "identity_projection"]
     _callback_tensor_inputs = ["latents"]
     # set False to run the guidance branches one by one (same result, less memory per pass)
     batch_guidance: bool = True
@@ -116,9 +152,11 @@ class EmoPipeline(DiffusionPipeline):
         audio_encoder: Wav2Vec2Model | MelAudioEncoder,
         feature_extractor: Wav2Vec2FeatureExtractor,
         audio_projection: AudioProjection,
-        speed_encoder: SpeedEncoder,
+        speed_encoder: SpeedEncoder | None,
         scheduler: KarrasDiffusionSchedulers,
+        identity_projection: IdentityProjection | None = None,
         generation_defaults: dict | None = None,
+        behaviour: dict | None = None,
     ):
         super().__init__()
         self.register_modules(
@@ -131,10 +169,14 @@ class EmoPipeline(DiffusionPipeline):
             audio_projection=audio_projection,
             speed_encoder=speed_encoder,
             scheduler=scheduler,
+            identity_projection=identity_projection,
         )
         self.register_generation_defaults(**(generation_defaults or {}))
+        self.register_to_config(behaviour=Behaviour.from_config(behaviour).to_config())
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.image_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor, resample=self.behaviour.image_resample
+        )
         self._interrupt = False
 
     @classmethod
@@ -167,6 +209,19 @@ class EmoPipeline(DiffusionPipeline):
         return resolve_settings(self.config.generation_defaults, **arguments)
 
     # ------------------------------------------------------------------ properties
+    @property
+    def behaviour(self) -> Behaviour:
+        return Behaviour.from_config(self.config.behaviour)
+
+    @property
+    def has_region_audio(self) -> bool:
+        """Hallo's audio modules: they read full/face/lip region masks and take pose/face/lip weights."""
+        return self.denoising_unet.config.audio_attention_type != "cross"
+
+    @property
+    def has_speed_layers(self) -> bool:
+        return self.speed_encoder is not None and self.denoising_unet.config.speed_dim is not None
+
     @property
     def default_size(self) -> int:
         return self.denoising_unet.config.sample_size * self.vae_scale_factor
@@ -252,21 +307,75 @@ class EmoPipeline(DiffusionPipeline):
         return load_audio(source, sampling_rate=SAMPLING_RATE, mono=True).mono
 
     def encode_audio(self, waveform: np.ndarray, num_frames: int, fps: float, device) -> torch.Tensor:
-        """Waveform -> audio tokens of every frame (1, num_frames, k, d), computed once for the whole audio."""
-        features = wav2vec_frame_features(
-            self.audio_encoder, self.feature_extractor, waveform, num_frames, fps,
-            num_layers=self.audio_projection.config.num_layers,
-        )  # fmt: skip
+        """Waveform -> audio tokens of every frame (1, num_frames, k, d), computed once for the whole audio.
+
+        num_frames: the frames of whole clips (the audio is padded to them).
+        """
+        num_layers = self.audio_projection.config.num_layers
+        if self.behaviour.audio_features == "hallo":
+            features = hallo_frame_features(
+                self.audio_encoder, self.feature_extractor, waveform,
+                num_video_frames(len(waveform), SAMPLING_RATE, fps), num_frames, fps, num_layers,
+            )  # fmt: skip
+        else:
+            features = wav2vec_frame_features(
+                self.audio_encoder, self.feature_extractor, waveform, num_frames, fps, num_layers=num_layers
+            )
         return self.audio_projection(features[None].to(device))
 
-    def encode_speed(self, head_speed, num_frames: int, device) -> torch.Tensor:
-        """One speed or one per frame (degrees/frame) -> speed embeddings (1, num_frames, d)."""
+    def encode_speed(self, head_speed, num_frames: int, device) -> torch.Tensor | None:
+        """One speed or one per frame (degrees/frame) -> speed embeddings (1, num_frames, d); None without
+        speed layers."""
+        if not self.has_speed_layers:
+            return None
         speeds = torch.as_tensor(np.atleast_1d(np.asarray(head_speed, dtype=np.float32)))
         if speeds.numel() == 1:
             speeds = speeds.expand(num_frames)
         else:
             speeds = torch.cat([speeds, speeds[-1:].expand(max(0, num_frames - len(speeds)))])[:num_frames]
         return self.speed_encoder(speeds[None].to(device))
+
+    def encode_identity(self, face_embedding, image: PIL.Image.Image, device):
+        """(null, conditional) identity tokens (1, k, d) each, for models with an `identity_projection`.
+
+        face_embedding: a 512-d face-recognition embedding (insightface's raw `embedding`, as Hallo uses);
+        None computes it from the portrait with insightface (optional dependency).
+        """
+        if self.identity_projection is None:
+            return None
+        dim = self.identity_projection.config.embedding_dim
+        if face_embedding is None:
+            from .identity_embedding import face_embedding as compute_embedding
+
+            face_embedding = compute_embedding(image, self.face_analysis_root)
+        emb = torch.as_tensor(np.asarray(face_embedding, dtype=np.float32)).reshape(1, -1)
+        if emb.shape[1] != dim:
+            raise ValueError(f"`face_embedding` must have {dim} values, got {emb.shape[1]}")
+        emb = emb.to(device)
+        return self.identity_projection(torch.zeros_like(emb)), self.identity_projection(emb)
+
+    @property
+    def face_analysis_root(self) -> Path | None:
+        """insightface's model folder: `face_analysis/` inside the model folder, when the converter copied it."""
+        root = Path(self.name_or_path or "") / "face_analysis"
+        return root if self.name_or_path and root.is_dir() else None
+
+    def prepare_region_masks(
+        self, region_masks, image: PIL.Image.Image, latent_size: tuple[int, int], device
+    ):
+        """Region masks of every resolution level, (h, w) -> (1, h*w, 3) full/face/lip weights in [0, 1].
+
+        region_masks: {"full", "face", "lip"} 8-bit images of any size (resized to each level with PIL's
+        bilinear filter, then / 255, as Hallo); None computes them from the portrait's face landmarks.
+        """
+        from .regions import hallo_region_masks, level_masks
+
+        if region_masks is None:
+            found = hallo_region_masks(image)
+            region_masks = {"full": found.full, "face": found.face, "lip": found.lip}
+        levels = len(self.denoising_unet.config.block_out_channels)
+        sizes = [(latent_size[0] // 2**i, latent_size[1] // 2**i) for i in range(levels)]
+        return {size: mask.to(device) for size, mask in level_masks(region_masks, sizes).items()}
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) in [-1, 1] -> scaled latents (n, c, H/s, W/s) (the posterior's mode: deterministic)."""
@@ -294,10 +403,11 @@ class EmoPipeline(DiffusionPipeline):
                 )
                 mask = np.ones((height, width), np.float32)
         elif isinstance(face_mask, PIL.Image.Image):
-            mask = (
-                np.asarray(face_mask.convert("L").resize((width, height), PIL.Image.NEAREST), np.float32)
-                / 255.0
+            # Hallo's models: resized with the portrait's (bilinear) filter, soft edges kept
+            resample = (
+                PIL.Image.BILINEAR if self.behaviour.image_resample == "bilinear" else PIL.Image.NEAREST
             )
+            mask = np.asarray(face_mask.convert("L").resize((width, height), resample), np.float32) / 255.0
         else:
             mask = torch.as_tensor(
                 np.asarray(face_mask) if not isinstance(face_mask, torch.Tensor) else face_mask
@@ -317,51 +427,143 @@ class EmoPipeline(DiffusionPipeline):
     def _branches(self, guidance_scale: float, reference_guidance_scale: float) -> list[tuple[bool, bool]]:
         """(use reference, use audio) per classifier-free guidance branch, in `combine_guidance` order."""
         branches = [(True, True)]
+        if self.behaviour.guidance == "joint":
+            return branches + [(False, False)] if guidance_scale != 1 else branches
         if guidance_scale != 1:
             branches.append((True, False))
         if reference_guidance_scale != 1:
             branches.append((False, False))
         return branches
 
-    @staticmethod
-    def _branch_inputs(reference: dict, audio: torch.Tensor, selected: tuple) -> tuple[dict, torch.Tensor]:
-        """Reference tokens and audio tokens of a batch of guidance branches (zeros where a branch drops them)."""
-        ref = {
-            k: torch.cat([v if use_ref else torch.zeros_like(v) for use_ref, _ in selected])
-            for k, v in reference.items()
-        }
-        aud = torch.cat([audio if use_audio else torch.zeros_like(audio) for _, use_audio in selected])
-        return ref, aud
+    def _branch_inputs(self, conds: ClipConditions, selected: tuple) -> dict:
+        """The backbone's keyword arguments for a batch of guidance branches.
 
-    def _predict(
-        self, latents, t, reference, audio, built, motion, speed, face, branches
-    ) -> list[torch.Tensor]:
+        A branch without reference has zero reference tokens ("cross" reference attention) or none at all
+        ("concat": plain self-attention) and the null identity tokens; without audio, zero audio tokens. Under
+        joint guidance it also loses the face-locator features (Hallo's unconditional branch).
+        """
+        concat = self.denoising_unet.config.reference_attention == "concat"
+        joint = self.behaviour.guidance == "joint"
+        used = [use_ref for use_ref, _ in selected]
+        if concat:
+            reference = (
+                {k: torch.cat([v] * sum(used)) for k, v in conds.reference.items()} if any(used) else None
+            )
+        else:
+            reference = {
+                k: torch.cat([v if use_ref else torch.zeros_like(v) for use_ref in used])
+                for k, v in conds.reference.items()
+            }
+        motion = None
+        if conds.motion is not None:
+            motion = {
+                k: torch.cat(
+                    [
+                        conds.motion_null[k] if (conds.motion_null is not None and not use_ref) else v
+                        for use_ref in used
+                    ]
+                )
+                for k, v in conds.motion.items()
+            }
+        audio = torch.cat(
+            [conds.audio if use_audio else torch.zeros_like(conds.audio) for _, use_audio in selected]
+        )
+        face = torch.cat(
+            [conds.face if use_ref or not joint else torch.zeros_like(conds.face) for use_ref in used]
+        )
+        inputs = dict(
+            reference_tokens=reference,
+            motion_features=motion,
+            audio_tokens=audio,
+            speed_tokens=conds.speed.repeat(len(selected), 1, 1) if conds.speed is not None else None,
+            face_features=face,
+            region_masks=conds.region_masks,
+            region_weights=conds.region_weights,
+        )
+        if conds.identity is not None:
+            null, cond = conds.identity
+            inputs["identity_tokens"] = torch.cat([cond if use_ref else null for use_ref in used])
+        if concat:
+            inputs["reference_used"] = used
+        return inputs
+
+    def _predict(self, latents, t, conds: ClipConditions, built: dict, branches) -> list[torch.Tensor]:
         """Backbone predictions for every guidance branch: one batched pass, or one pass per branch.
 
-        built: the branches' (reference tokens, audio tokens), filled on first use and kept by the caller for
-        the whole clip, so the backbone sees the same reference tensors at every step (cached keys/values).
+        built: the branches' backbone inputs, filled on first use and kept by the caller for the whole clip,
+        so the backbone sees the same reference tensors at every step (cached keys/values).
         """
         unet = self.denoising_unet
 
         def run(selected: tuple) -> list[torch.Tensor]:
             n = len(selected)
             if selected not in built:
-                built[selected] = self._branch_inputs(reference, audio, selected)
-            ref, aud = built[selected]
-            out = unet(
-                latents.to(unet.dtype).repeat(n, 1, 1, 1, 1),
-                t,
-                reference_tokens=ref,
-                motion_features={k: v.repeat(n, 1, 1, 1, 1) for k, v in motion.items()} if motion else None,
-                audio_tokens=aud,
-                speed_tokens=speed.repeat(n, 1, 1),
-                face_features=face.repeat(n, 1, 1, 1),
-            ).sample
+                built[selected] = self._branch_inputs(conds, selected)
+            out = unet(latents.to(unet.dtype).repeat(n, 1, 1, 1, 1), t, **built[selected]).sample
             return list(out.float().chunk(n))
 
         if self.batch_guidance:
             return run(tuple(branches))
         return [run((branch,))[0] for branch in branches]
+
+    def _reference_features(
+        self,
+        reference_latents: torch.Tensor,
+        motion_latents: torch.Tensor | None,
+        identity,
+        with_reference: bool,
+        zero_motion: int = 0,
+    ) -> tuple[dict | None, dict | None, dict | None]:
+        """ReferenceNet, once per clip: (reference tokens, motion features, the unconditional branch's own
+        motion features or None).
+
+        Rows: the reference (if `with_reference`) and the n motion latents (`zero_motion`: n zero maps instead
+        of motion rows). With Hallo's interleave switch the
+        rows run twice, for the unconditional then the conditional branch, with identity tokens alternating
+        [null, conditional] row by row, as Hallo's batch of [ref, motion..] x 2 gets them.
+        """
+        net, behaviour = self.reference_net, self.behaviour
+        parts = ([reference_latents] if with_reference else []) + (
+            [motion_latents] if motion_latents is not None else []
+        )
+        rows = torch.cat(parts).to(net.dtype)
+        interleave = identity is not None and behaviour.reference_identity_interleave
+        if interleave:
+            context = torch.cat(identity).repeat(len(rows), 1, 1)
+            out = net(torch.cat([rows, rows]), identity_tokens=context)
+            halves = (slice(len(rows), None), slice(0, len(rows)))  # conditional, unconditional
+        else:
+            context = identity[1].expand(len(rows), -1, -1) if identity is not None else None
+            out = net(rows, identity_tokens=context)
+            halves = (slice(0, len(rows)),)
+
+        def rounded(t: torch.Tensor) -> torch.Tensor:
+            return t.to(torch.float16).to(t.dtype) if behaviour.reference_fp16 else t
+
+        from_attention = self.denoising_unet.config.motion_frame_features == "attention"
+        source = out.reference_tokens if from_attention else out.motion_features
+        first = 1 if with_reference else 0
+        reference = (
+            {k: rounded(v[halves[0]][:1]) for k, v in out.reference_tokens.items()}
+            if with_reference
+            else None
+        )
+        if zero_motion:  # zero maps shaped like the reference's features (EMO's first clip)
+            motions = [
+                {
+                    k: torch.zeros_like(v[half][:1])[:, None].expand(-1, zero_motion, *v.shape[1:])
+                    for k, v in source.items()
+                }
+                for half in halves
+            ]
+        else:
+            motions = [
+                {k: rounded(v[half][first:])[None] for k, v in source.items()}
+                if motion_latents is not None
+                else None
+                for half in halves
+            ]
+        return reference, motions[0], motions[1] if interleave else None
 
     # ------------------------------------------------------------------ call
     @torch.no_grad()
@@ -371,6 +573,11 @@ class EmoPipeline(DiffusionPipeline):
         audio: str | Path | np.ndarray | torch.Tensor,
         sampling_rate: int | None = None,
         face_mask: PIL.Image.Image | np.ndarray | torch.Tensor | None = None,
+        face_embedding: np.ndarray | torch.Tensor | None = None,
+        region_masks: dict | None = None,
+        pose_weight: float = 1.0,
+        face_weight: float = 1.0,
+        lip_weight: float = 1.0,
         head_speed: float | Sequence[float] | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
@@ -382,6 +589,7 @@ class EmoPipeline(DiffusionPipeline):
         num_motion_frames: int | None = None,
         preset: str | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
         eta: float = 0.0,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -400,12 +608,19 @@ class EmoPipeline(DiffusionPipeline):
                 image, an (H, W, 3) array (uint8 0..255, or floats in [0, 1]) or a tensor.
             audio: a file path (any format ffmpeg reads), or a 1-D float array with `sampling_rate` (Hz).
             face_mask: (H, W) region the face may occupy (EMO's face locator); default: the reference's
-                face box, widened (all ones if no face is found).
+                face box, widened (all ones if no face is found); Hallo's models: the silhouette box x 1.2.
+            face_embedding: models with identity tokens (Hallo): the portrait's 512-d insightface embedding;
+                default: computed with insightface (optional dependency).
+            region_masks: models with region audio modules (Hallo): {"full", "face", "lip"} 8-bit masks (any
+                size); default: from the portrait's face landmarks with Hallo's rules.
+            pose_weight, face_weight, lip_weight: weights of the full/face/lip audio branches (Hallo's models).
             head_speed: head rotation speed in degrees per frame, one value or one per frame
                 (speech 0.1-1.0, singing 1.0-1.3; above 1.5 motion becomes jittery).
             num_inference_steps: denoising steps per clip (EMO: 40; fewer than 20 give artifacts).
             guidance_scale: classifier-free guidance on the audio (1 disables it).
             reference_guidance_scale: classifier-free guidance on the reference image (1 disables it).
+            latents: the initial noise of the whole video, (1, C, num_clips x clip_length, h, w); clip k uses
+                frames k x clip_length ... (k + 1) x clip_length - 1 (default: drawn per clip from `generator`).
             preset: "quality", "balanced" or "fast" (`pipeline.presets`): the sampler, the number of steps
                 (unless `num_inference_steps` is given) and on how many steps guidance runs.
             fps: video frame rate; clip_length: frames per clip (f = 12); num_motion_frames: n = 4 frames
@@ -458,21 +673,45 @@ class EmoPipeline(DiffusionPipeline):
         audio_tokens = self.encode_audio(waveform, padded_frames, fps, device)
         speed_tokens = self.encode_speed(head_speed, padded_frames, device)
 
-        # 4. Reference image -> latents -> ReferenceNet tokens (once); face mask -> face-locator features
+        # 4. Reference image -> latents; identity tokens, face-locator features, region masks (once)
         if isinstance(reference_image, np.ndarray) and reference_image.dtype == np.uint8:
             # diffusers reads numpy images as floats in [0, 1]; a photo array is 0..255
             reference_image = PIL.Image.fromarray(reference_image).convert("RGB")
         image = self.image_processor.preprocess(reference_image, height=height, width=width)
         reference_pil = self.image_processor.postprocess(image, output_type="pil")[0]
+        original = reference_image if isinstance(reference_image, PIL.Image.Image) else reference_pil
         reference_latents = self.encode_image(image)
+        latent_size = tuple(reference_latents.shape[-2:])
+        if self.has_region_audio and face_mask is None and region_masks is None:
+            from .regions import hallo_region_masks
+
+            found = hallo_region_masks(original)  # Hallo's face box and region masks, one landmark pass
+            face_mask = PIL.Image.fromarray(found.face_box)
+            region_masks = {"full": found.full, "face": found.face, "lip": found.lip}
         mask = self.prepare_face_mask(face_mask, reference_pil, height, width, device)
-        face_features = self.face_locator(mask)
+        identity = self.encode_identity(face_embedding, original, device)
+        conditions = dict(
+            face=self.face_locator(mask),
+            identity=identity,
+            region_masks=self.prepare_region_masks(region_masks, original, latent_size, device)
+            if self.has_region_audio
+            else None,
+            region_weights=(float(pose_weight), float(face_weight), float(lip_weight)),
+        )
         branches = self._branches(guidance_scale, reference_guidance_scale)
+        joint = self.behaviour.guidance == "joint"
+        latent_shape = (1, self.denoising_unet.config.in_channels, clip_length, *latent_size)
+        if latents is not None and tuple(latents.shape) != (*latent_shape[:2], padded_frames, *latent_size):
+            raise ValueError(
+                f"`latents` must have shape {(*latent_shape[:2], padded_frames, *latent_size)} (the noise of "
+                f"{num_clips} clips of {clip_length} frames), got {tuple(latents.shape)}"
+            )
 
         # 5. Clip loop: motion frames -> denoising loop -> decode
-        latent_shape = (1, self.denoising_unet.config.in_channels, clip_length, *reference_latents.shape[-2:])
+        behaviour = self.behaviour
+        rerun_reference = identity is not None and behaviour.reference_identity_interleave
         motion_latents = None
-        reference_tokens = motion_features = None
+        reference_tokens = None
         kept: list[np.ndarray] = []
         with (
             self.progress_bar(total=num_clips * num_inference_steps) as progress_bar,
@@ -480,46 +719,58 @@ class EmoPipeline(DiffusionPipeline):
         ):
             for clip in range(num_clips):
                 progress_bar.set_description(f"clip {clip + 1}/{num_clips}")
-                # 5a. ReferenceNet, once per clip: the reference (first clip) or the n motion frames
-                if clip == 0:
-                    out = self.reference_net(reference_latents.to(self.reference_net.dtype))
-                    reference_tokens = out.reference_tokens
-                    motion_features = {  # first clip: zero maps (EMO)
-                        k: torch.zeros_like(v)[:, None].expand(-1, num_motion_frames, -1, -1, -1)
-                        for k, v in out.motion_features.items()
-                    } if num_motion_frames else None  # fmt: skip
+                # 5a. ReferenceNet, once per clip: the reference (first clip) and the n motion frames
+                if clip == 0 and num_motion_frames and behaviour.first_motion_frames == "reference":
+                    motion_latents = reference_latents.expand(num_motion_frames, -1, -1, -1)
+                motion_null = None
+                if clip == 0 or rerun_reference:
+                    zero_motion = num_motion_frames if motion_latents is None else 0  # EMO: zero maps
+                    reference_tokens, motion, motion_null = self._reference_features(
+                        reference_latents, motion_latents if num_motion_frames else None, identity, True,
+                        zero_motion=zero_motion,
+                    )  # fmt: skip
                 elif num_motion_frames:
-                    out = self.reference_net(motion_latents.to(self.reference_net.dtype))
-                    motion_features = {k: v[None] for k, v in out.motion_features.items()}
+                    motion, motion_null = self._reference_features(
+                        reference_latents, motion_latents, identity, False
+                    )[1:]
+                else:
+                    motion = None
                 frames_slice = slice(clip * clip_length, (clip + 1) * clip_length)
+                conds = ClipConditions(
+                    reference=reference_tokens, motion=motion, motion_null=motion_null,
+                    audio=audio_tokens[:, frames_slice],
+                    speed=speed_tokens[:, frames_slice] if speed_tokens is not None else None, **conditions,
+                )  # fmt: skip
 
-                # 5b. Denoising loop (the branches' conditions are built once per clip)
-                clip_audio, built = audio_tokens[:, frames_slice], {}
+                # 5b. Denoising loop (the branches' inputs are built once per clip)
+                built: dict = {}
                 scheduler.set_timesteps(num_inference_steps, device=device)
-                latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=torch.float32)
-                latents = latents * scheduler.init_noise_sigma
+                if latents is None:
+                    noise = randn_tensor(
+                        latent_shape, generator=generator, device=device, dtype=torch.float32
+                    )
+                else:
+                    noise = latents[:, :, frames_slice].to(device, torch.float32)
+                clip_latents = noise * scheduler.init_noise_sigma
                 extra = {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
                 for i, t in enumerate(scheduler.timesteps):
                     if self._interrupt:
                         break
-                    model_input = scheduler.scale_model_input(latents, t)
+                    model_input = scheduler.scale_model_input(clip_latents, t)
                     guided = i < guided_steps
-                    preds = self._predict(
-                        model_input, t, reference_tokens, clip_audio, built, motion_features,
-                        speed_tokens[:, frames_slice], face_features, branches if guided else branches[:1],
-                    )  # fmt: skip
+                    preds = self._predict(model_input, t, conds, built, branches if guided else branches[:1])
                     noise_pred = (
-                        combine_guidance(preds, guidance_scale, reference_guidance_scale)
+                        combine_guidance(preds, guidance_scale, reference_guidance_scale, joint)
                         if guided
                         else preds[0]
                     )
-                    latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+                    clip_latents = scheduler.step(noise_pred, t, clip_latents, **extra, return_dict=False)[0]
                     if callback_on_step_end is not None:
-                        tensors = {"latents": latents}
+                        tensors = {"latents": clip_latents}
                         kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
-                        latents = callback_on_step_end(self, clip * num_inference_steps + i, t, kwargs).pop(
-                            "latents", latents
-                        )
+                        clip_latents = callback_on_step_end(
+                            self, clip * num_inference_steps + i, t, kwargs
+                        ).pop("latents", clip_latents)
                     progress_bar.update()
                 if self._interrupt:
                     logger.info(
@@ -527,10 +778,15 @@ class EmoPipeline(DiffusionPipeline):
                     )
                     break
 
-                # 5c. Decode; the last n latents become the next clip's motion frames
-                clip_latents = latents[0].permute(1, 0, 2, 3)  # (f, c, h, w)
-                motion_latents = clip_latents[clip_length - num_motion_frames :]
-                frames = self.decode_latents(clip_latents)[: num_frames - clip * clip_length]
+                # 5c. Decode; the last n frames condition the next clip (as latents, or decoded and re-encoded)
+                frame_latents = clip_latents[0].permute(1, 0, 2, 3)  # (f, c, h, w)
+                decoded = self.decode_latents(frame_latents)
+                if num_motion_frames and behaviour.motion_frames == "decoded":
+                    last = torch.from_numpy(decoded[clip_length - num_motion_frames :]).permute(0, 3, 1, 2)
+                    motion_latents = self.encode_image(last * 2.0 - 1.0).to(reference_latents.dtype)
+                else:
+                    motion_latents = frame_latents[clip_length - num_motion_frames :]
+                frames = decoded[: num_frames - clip * clip_length]
                 if callback_on_clip_end is not None:
                     callback_on_clip_end(self, clip, num_clips, (frames * 255).round().astype(np.uint8))
                 if output_type != "none":

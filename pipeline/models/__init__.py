@@ -5,6 +5,7 @@ from .audio_encoder import MelAudioEncoder
 from .audio_projection import AudioProjection
 from .backbone import EmoUNet3DModel, EmoUNetOutput
 from .face_locator import FaceLocator
+from .identity import IdentityProjection
 from .reference_net import ReferenceNet, ReferenceNetOutput
 from .speed import SpeedEncoder
 
@@ -15,6 +16,7 @@ __all__ = [
     "EmoUNet3DModel",
     "EmoUNetOutput",
     "FaceLocator",
+    "IdentityProjection",
     "MelAudioEncoder",
     "ReferenceNet",
     "ReferenceNetOutput",

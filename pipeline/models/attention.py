@@ -3,13 +3,15 @@
 Parameter names follow diffusers' `Transformer2DModel` / `BasicTransformerBlock` (`norm`, `proj_in`,
 `transformer_blocks.0.{norm1,attn1,norm2,attn2,norm3,ff}`, `proj_out`), so SD 1.5 weights load by name.
 
-Reference-attention (EMO's replacement of SD's text cross-attention) lives in `attn2`: its queries are the
-frame's tokens, its keys/values are the ReferenceNet tokens recorded at the same block (the input of that
-block's spatial self-attention, i.e. `norm1(x)`). In the ReferenceNet itself `attn2` attends to its own
-`norm1(x)`, so both UNets have one structure. Keys/values are the reference tokens only; Animate Anyone's
-variant (the frame's own tokens concatenated in front) is a one-line change in `_reference_context`.
-A "null" reference (classifier-free guidance, condition dropout) is a zero tensor: zero keys and values
-make the attention output collapse to the output bias.
+Two ways to read the ReferenceNet, a config value of both UNets (`reference_attention`):
+- "cross" (EMO-native): reference-attention lives in `attn2` (SD's text cross-attention): its queries are
+  the frame's tokens, its keys/values the ReferenceNet tokens recorded at the same block (the input of that
+  block's self-attention, `norm1(x)`). In the ReferenceNet itself `attn2` attends to its own `norm1(x)`, so
+  both UNets have one structure. A "null" reference (guidance, condition dropout) is a zero tensor.
+- "concat" (Animate Anyone, Hallo): the reference tokens are appended to the frame's own tokens as the
+  keys/values of the self-attention `attn1`; `attn2` cross-attends to identity tokens (`Conditions.identity`,
+  e.g. 4 tokens projected from a face-recognition embedding). A sample without reference
+  (`Conditions.reference_used` False) runs plain self-attention.
 """
 
 from __future__ import annotations
@@ -56,10 +58,20 @@ class Attention(nn.Module):
             nn.init.zeros_(self.to_out[0].weight)
             nn.init.zeros_(self.to_out[0].bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        # x: (b, l, c); context: (b, s, c_ctx) -> (b, l, c)
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, extra: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (b, l, c); context: (b, s, c_ctx) -> (b, l, c).
+
+        extra: (b / g, s, c) tokens appended to the keys/values of self-attention, shared by each group of g
+        consecutive rows of x (the frames of a sample); their keys/values are cached like a context's.
+        """
         q = rearrange(self.to_q(x), "b l (h d) -> b h l d", h=self.heads)
         k, v = self._keys_values(x if context is None else context, shared=context is not None)
+        if extra is not None:
+            g = x.shape[0] // extra.shape[0]
+            k_extra, v_extra = (t.repeat_interleave(g, dim=0) for t in self._keys_values(extra, shared=True))
+            k, v = torch.cat([k, k_extra], dim=2), torch.cat([v, v_extra], dim=2)
         # 4-D inputs: SDPA's fused CPU/GPU kernels need them (3-D falls back to the slow math path)
         if self.slice_size is None:
             out = F.scaled_dot_product_attention(q, k, v)
@@ -130,19 +142,46 @@ class Conditions:
     audio: torch.Tensor | None = None  # (b*f, k, d) audio tokens of each frame
     speed: torch.Tensor | None = None  # (b, f, d_speed) speed embedding of each frame
     record: dict[str, torch.Tensor] | None = None  # ReferenceNet writes its features here
+    # "concat" reference attention only:
+    identity: torch.Tensor | None = None  # (b, k, d) identity tokens of each sample (attn2's context)
+    # per sample: False = no reference tokens (then `reference` holds rows of the other samples only)
+    reference_used: list[bool] | None = None
+    # region-masked audio modules (Hallo): (h, w) of a level -> (b, h*w, 3) full/face/lip weights per token
+    region_masks: dict[tuple[int, int], torch.Tensor] | None = None
+    region_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # pose/full, face, lip branch weights
+
+
+REFERENCE_ATTENTION = ("cross", "concat")
 
 
 class SpatialTransformerBlock(nn.Module):
-    """Self-attention -> reference-attention -> (audio-attention) -> feed-forward, on (n, h*w, c) tokens."""
+    """Self-attention -> reference-attention -> (audio-attention) -> feed-forward, on (n, h*w, c) tokens.
 
-    def __init__(self, dim: int, heads: int, audio_attention: nn.Module | None = None):
+    With `reference_attention="concat"`: self-attention over [own tokens; reference tokens] -> cross-attention
+    to the identity tokens (`cross_attention_dim` wide) -> feed-forward.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        audio_attention: nn.Module | None = None,
+        reference_attention: str = "cross",
+        cross_attention_dim: int | None = None,
+    ):
         super().__init__()
+        if reference_attention not in REFERENCE_ATTENTION:
+            raise ValueError(
+                f"reference_attention must be one of {REFERENCE_ATTENTION}, got {reference_attention!r}"
+            )
         dim_head = dim // heads
         self.key = ""  # set by the owning UNet to this block's module path
+        self.reference_attention = reference_attention
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, heads, dim_head)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, dim_head)
+        context_dim = cross_attention_dim if reference_attention == "concat" else None
+        self.attn2 = Attention(dim, heads, dim_head, context_dim=context_dim)
         self.audio_attention = audio_attention
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, activation_fn="geglu")
@@ -152,12 +191,36 @@ class SpatialTransformerBlock(nn.Module):
             return own_tokens
         return cond.reference[self.key]
 
+    def _self_attention(self, tokens: torch.Tensor, cond: Conditions) -> torch.Tensor:
+        """attn1; in "concat" mode the samples with a reference also attend to its tokens."""
+        if self.reference_attention == "cross" or cond.reference is None:
+            return self.attn1(tokens)
+        reference = cond.reference[self.key]  # one row per sample that uses it
+        used = cond.reference_used
+        if used is None or all(used):
+            return self.attn1(tokens, extra=reference)
+        rows = tokens.unflatten(0, (len(used), -1))  # (b, f, l, c): rows are sample-major
+        with_ref = [i for i, use in enumerate(used) if use]
+        plain = [i for i, use in enumerate(used) if not use]
+        out = torch.empty_like(rows)
+        if with_ref:
+            out[with_ref] = self.attn1(rows[with_ref].flatten(0, 1), extra=reference).unflatten(
+                0, (len(with_ref), -1)
+            )
+        out[plain] = self.attn1(rows[plain].flatten(0, 1)).unflatten(0, (len(plain), -1))
+        return out.flatten(0, 1)
+
     def forward(self, x: torch.Tensor, cond: Conditions) -> torch.Tensor:
         tokens = self.norm1(x)
         if cond.record is not None:
             cond.record[self.key] = tokens
-        x = self.attn1(tokens) + x
-        x = grouped_attention(self.attn2, self.norm2(x), self._reference_context(tokens, cond)) + x
+        x = self._self_attention(tokens, cond) + x
+        if self.reference_attention == "concat":
+            if cond.identity is None:
+                raise ValueError("this model's cross-attention needs identity tokens (`Conditions.identity`)")
+            x = grouped_attention(self.attn2, self.norm2(x), cond.identity.to(x.dtype)) + x
+        else:
+            x = grouped_attention(self.attn2, self.norm2(x), self._reference_context(tokens, cond)) + x
         if self.audio_attention is not None and cond.audio is not None:
             x = self.audio_attention(x, cond.audio) + x
         return self.ff(self.norm3(x)) + x
@@ -166,14 +229,27 @@ class SpatialTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """diffusers `Transformer2DModel` layout (conv projections, as SD 1.5): (n, c, h, w) -> (n, c, h, w)."""
 
-    def __init__(self, dim: int, heads: int, num_layers: int, norm_groups: int, make_audio_attention=None):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        num_layers: int,
+        norm_groups: int,
+        make_audio_attention=None,
+        reference_attention: str = "cross",
+        cross_attention_dim: int | None = None,
+    ):
         super().__init__()
         self.norm = nn.GroupNorm(norm_groups, dim, eps=1e-6)
         self.proj_in = nn.Conv2d(dim, dim, 1)
         self.transformer_blocks = nn.ModuleList(
             [
                 SpatialTransformerBlock(
-                    dim, heads, make_audio_attention(dim) if make_audio_attention else None
+                    dim,
+                    heads,
+                    make_audio_attention(dim) if make_audio_attention else None,
+                    reference_attention,
+                    cross_attention_dim,
                 )
                 for _ in range(num_layers)
             ]

@@ -4,6 +4,12 @@ Input latents are (b, c, f, h, w), like diffusers' `UNetMotionModel`. Per block:
 transformer (self-attention, reference-attention on ReferenceNet tokens, audio-attention on the frame's
 audio tokens, feed-forward) -> motion module (temporal attention over the n motion frames + f clip frames,
 with the speed cross-attention). The face locator's features are added after `conv_in`.
+
+Hallo's network is this model with other config values (set by `pipeline.hallo`): reference tokens joined
+to self-attention and identity tokens in cross-attention (`reference_attention="concat"`,
+`cross_attention_dim`), region-masked audio modules after the spatial transformers
+(`audio_attention_type="region"`), motion modules only in blocks with attention, reading the ReferenceNet's
+attention tokens as motion frames, normalising each frame, with stored position tables, no speed layers.
 """
 
 from __future__ import annotations
@@ -53,6 +59,12 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
         motion_norm_num_groups: int = 32,
         motion_max_seq_length: int = 32,
         speed_dim: int | None = 256,
+        reference_attention: str = "cross",
+        cross_attention_dim: int | None = None,
+        motion_in_plain_blocks: bool = True,
+        motion_frame_features: str = "layer",
+        motion_norm_per_frame: bool = False,
+        motion_stored_positions: bool = False,
     ):
         super().__init__()
         if audio_attention_type not in AUDIO_ATTENTION_TYPES:
@@ -60,14 +72,35 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
                 f"audio_attention_type must be one of {sorted(AUDIO_ATTENTION_TYPES)}, got {audio_attention_type!r}"
             )
         audio_cls = AUDIO_ATTENTION_TYPES[audio_attention_type]
+        per_block = audio_attention_type == "cross"
         build_unet(
             self,
             **unet_args(self.config),
             out_channels=out_channels,
-            make_audio_attention=lambda c: audio_cls(c, audio_dim, attention_head_dim),
+            make_audio_attention=(lambda c: audio_cls(c, audio_dim, attention_head_dim))
+            if per_block
+            else None,
+            make_audio_module=None
+            if per_block
+            else lambda c, width: audio_cls(
+                c,
+                width,
+                audio_dim,
+                attention_head_dim,
+                norm_num_groups,
+                shared_attention=audio_attention_type == "region_shared",
+            ),  # fmt: skip
             make_motion=lambda c: TemporalTransformer(
-                c, motion_num_attention_heads, motion_norm_num_groups, motion_max_seq_length, speed_dim
-            ),
+                c,
+                motion_num_attention_heads,
+                motion_norm_num_groups,
+                motion_max_seq_length,
+                speed_dim,
+                norm_per_frame=motion_norm_per_frame,
+                stored_positions=motion_stored_positions,
+            ),  # fmt: skip
+            motion_in_plain_blocks=motion_in_plain_blocks,
+            motion_frame_features=motion_frame_features,
         )
 
     def forward(
@@ -79,6 +112,10 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
         audio_tokens: torch.Tensor | None = None,
         speed_tokens: torch.Tensor | None = None,
         face_features: torch.Tensor | None = None,
+        identity_tokens: torch.Tensor | None = None,
+        reference_used: list[bool] | None = None,
+        region_masks: dict[tuple[int, int], torch.Tensor] | None = None,
+        region_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
         return_dict: bool = True,
     ) -> EmoUNetOutput | tuple[torch.Tensor]:
         """Predict the noise (or v) of a clip.
@@ -87,7 +124,12 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
         reference_tokens: ReferenceNet tokens of the reference image, key -> (b, s, c);
         motion_features: ReferenceNet features of the n motion frames, key -> (b, n, c, h, w), or None;
         audio_tokens: (b, f, k, audio_dim); speed_tokens: (b, f, speed_dim);
-        face_features: (b, block_out_channels[0], h, w) from the face locator, added to every frame.
+        face_features: (b, block_out_channels[0], h, w) from the face locator, added to every frame;
+        "concat" reference attention: identity_tokens (b, k, cross_attention_dim), reference_used (per sample,
+        False: no reference; `reference_tokens` then holds the other samples' rows only);
+        region audio modules: region_masks {(h, w): (b, h*w, 3)} full/face/lip weights of each level's tokens,
+        region_weights the (pose, face, lip) weights of the three branches.
+        motion_features with `motion_frame_features="attention"`: key -> (b, n, h*w, c) attention tokens.
         """
         b, _, f, h, w = sample.shape
         timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
@@ -97,6 +139,10 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
             motion=motion_features,
             audio=rearrange(audio_tokens, "b f k d -> (b f) k d") if audio_tokens is not None else None,
             speed=speed_tokens,
+            identity=identity_tokens,
+            reference_used=reference_used,
+            region_masks=region_masks,
+            region_weights=tuple(region_weights),
         )
         added = None
         if face_features is not None:

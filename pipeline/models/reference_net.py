@@ -48,14 +48,22 @@ class ReferenceNet(ModelMixin, ConfigMixin, AttentionSlicingMixin):
         transformer_layers_per_block: int = 1,
         flip_sin_to_cos: bool = True,
         freq_shift: int = 0,
+        reference_attention: str = "cross",
+        cross_attention_dim: int | None = None,
     ):
         super().__init__()
         build_unet(self, **unet_args(self.config), out_channels=None)
 
-    def forward(self, sample: torch.Tensor, timestep: float | torch.Tensor = 0) -> ReferenceNetOutput:
-        """sample: (n, c, h, w) latents of reference image(s) or motion frames."""
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: float | torch.Tensor = 0,
+        identity_tokens: torch.Tensor | None = None,
+    ) -> ReferenceNetOutput:
+        """sample: (n, c, h, w) latents of reference image(s) or motion frames; identity_tokens: (n, k, d),
+        the cross-attention context of each row (models with `reference_attention="concat"`)."""
         timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
-        cond = Conditions(record={})
+        cond = Conditions(record={}, identity=identity_tokens)
         run_unet(self, sample, timesteps, cond)
         tokens = {k: v for k, v in cond.record.items() if v.ndim == 3}
         motion = {k: v for k, v in cond.record.items() if v.ndim == 4}

@@ -3,7 +3,10 @@
 Parameter names follow diffusers' `AnimateDiffTransformer3D` (the `MotionAdapter` layout:
 `norm`, `proj_in`, `transformer_blocks.0.{norm1,attn1,norm2,attn2,norm3,ff}`, `proj_out`), so AnimateDiff
 weights load by name. The sinusoidal position encoding is recomputed, not stored (AnimateDiff's `pe`
-buffers are dropped on load). EMO additions, both zero-output at initialisation:
+buffers are dropped on load, unless `stored_positions`: then the table is a saved buffer, as in AnimateDiff's
+own checkpoints and Hallo's). `norm_per_frame`: the GroupNorm before the temporal attention normalises each
+frame on its own (AnimateDiff's original code and Hallo) instead of the whole clip at once (diffusers'
+`AnimateDiffTransformer3D`, EMO-native models). EMO additions, both zero-output at initialisation:
 - motion frames: the ReferenceNet features of the previous clip's last n frames are put in front of the
   clip's frames, so temporal attention runs over n + f frames; only the f clip frames are returned;
 - speed layer (`norm_speed`, `attn_speed`): cross-attention from the frame tokens to the clip's per-frame
@@ -35,7 +38,9 @@ def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
 class TemporalTransformerBlock(nn.Module):
     """Two temporal self-attentions, the speed cross-attention, a feed-forward; tokens (b*h*w, t, c)."""
 
-    def __init__(self, dim: int, heads: int, max_frames: int, speed_dim: int | None):
+    def __init__(
+        self, dim: int, heads: int, max_frames: int, speed_dim: int | None, stored_positions: bool = False
+    ):
         super().__init__()
         dim_head = dim // heads
         self.norm1 = nn.LayerNorm(dim)
@@ -49,16 +54,20 @@ class TemporalTransformerBlock(nn.Module):
             self.norm_speed = self.attn_speed = None
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, activation_fn="geglu")
-        self.register_buffer("pe", sinusoidal_positions(max_frames, dim), persistent=False)
+        # one table for both attentions, or (stored) one per attention as AnimateDiff's checkpoints hold them
+        table = sinusoidal_positions(max_frames, dim)
+        self.register_buffer(
+            "pe", table.repeat(2, 1, 1) if stored_positions else table, persistent=stored_positions
+        )
 
     def forward(self, x: torch.Tensor, speed: torch.Tensor | None) -> torch.Tensor:
         if x.shape[1] > self.pe.shape[1]:
             raise ValueError(
                 f"temporal sequence of {x.shape[1]} frames exceeds max_frames={self.pe.shape[1]}"
             )
-        pe = self.pe[:, : x.shape[1]].to(x.dtype)
-        x = self.attn1(self.norm1(x) + pe) + x
-        x = self.attn2(self.norm2(x) + pe) + x
+        pe1, pe2 = (self.pe[i][None, : x.shape[1]].to(x.dtype) for i in (0, -1))
+        x = self.attn1(self.norm1(x) + pe1) + x
+        x = self.attn2(self.norm2(x) + pe2) + x
         if self.attn_speed is not None and speed is not None:
             # every spatial position of a sample shares the speed context: (b*hw, t, c) -> (b, hw*t, c)
             b = speed.shape[0]
@@ -72,13 +81,25 @@ class TemporalTransformer(nn.Module):
     """A motion module: (b*f, c, h, w) clip frames (+ (b, n, c, h, w) motion frames) -> (b*f, c, h, w)."""
 
     def __init__(
-        self, dim: int, heads: int, norm_groups: int, max_frames: int, speed_dim: int | None, layers: int = 1
+        self,
+        dim: int,
+        heads: int,
+        norm_groups: int,
+        max_frames: int,
+        speed_dim: int | None,
+        layers: int = 1,
+        norm_per_frame: bool = False,
+        stored_positions: bool = False,
     ):
         super().__init__()
+        self.norm_per_frame = norm_per_frame
         self.norm = nn.GroupNorm(norm_groups, dim, eps=1e-6)
         self.proj_in = nn.Linear(dim, dim)
         self.transformer_blocks = nn.ModuleList(
-            [TemporalTransformerBlock(dim, heads, max_frames, speed_dim) for _ in range(layers)]
+            [
+                TemporalTransformerBlock(dim, heads, max_frames, speed_dim, stored_positions)
+                for _ in range(layers)
+            ]
         )
         self.proj_out = nn.Linear(dim, dim)
         nn.init.zeros_(self.proj_out.weight)
@@ -97,7 +118,14 @@ class TemporalTransformer(nn.Module):
             y = torch.cat([rearrange(motion.to(y.dtype), "b n c h w -> b c n h w"), y], dim=2)
         # contiguous: a permuted (channels-last-like) input crashes GroupNorm's CPU backward in torch 2.13
         # when the norm trains but its input needs no gradient (stage 3: temporal layers after frozen ones)
-        y = self.proj_in(rearrange(self.norm(y.contiguous()), "b c t h w -> (b h w) t c"))
+        if self.norm_per_frame:
+            t = y.shape[2]
+            normed = rearrange(
+                self.norm(rearrange(y, "b c t h w -> (b t) c h w")), "(b t) c h w -> b c t h w", t=t
+            )
+        else:
+            normed = self.norm(y.contiguous())
+        y = self.proj_in(rearrange(normed, "b c t h w -> (b h w) t c"))
         for block in self.transformer_blocks:
             y = block(y, speed)
         y = self.proj_out(y)[:, -num_frames:]  # keep the clip's frames, drop the motion frames

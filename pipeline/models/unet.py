@@ -1,8 +1,13 @@
 """The UNet skeleton that ReferenceNet and the backbone share (SD 1.5 structure, diffusers parameter names).
 
 Hidden states flow as (n, c, h, w) with n = batch x frames. Every resolution level is a block of
-`layers_per_block` (resnet [+ spatial transformer] [+ motion module]) layers; the backbone has motion modules,
-the ReferenceNet records the features the backbone reads (see `Conditions`).
+`layers_per_block` (resnet [+ spatial transformer] [+ audio module] [+ motion module]) layers; the backbone
+has motion modules (and, for Hallo's design, audio modules of their own), the ReferenceNet records the
+features the backbone reads (see `Conditions`).
+
+Motion-frame features reach a motion module from one of two places (`motion_frame_features`):
+"layer" (EMO-native): the ReferenceNet's hidden state at the same motion-module site;
+"attention" (Hallo): the ReferenceNet's `norm1` tokens of the same layer's spatial transformer block.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from diffusers.models.downsampling import Downsample2D
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
+from einops import rearrange
 from torch import nn
 
 from .attention import Conditions, SpatialTransformer, SpatialTransformerBlock
@@ -22,6 +28,8 @@ ATTENTION_BLOCKS = {"CrossAttnDownBlock2D", "CrossAttnUpBlock2D"}
 
 # builders for the optional layers: channels -> module
 MakeLayer = Callable[[int], nn.Module] | None
+# builder of a per-layer audio module: (channels, inner width) -> module
+MakeAudioModule = Callable[[int, int], nn.Module] | None
 
 
 class _Level(nn.Module):
@@ -32,6 +40,8 @@ class _Level(nn.Module):
         self.key = ""  # module path, set by the UNet
         self.gradient_checkpointing = False
         self.motion_modules: nn.ModuleList | None = None
+        self.audio_modules: nn.ModuleList | None = None
+        self.motion_frame_features = "layer"  # or "attention" (see the module docstring)
 
     def _run(self, fn, *args):
         if torch.is_grad_enabled() and self.gradient_checkpointing:
@@ -44,13 +54,20 @@ class _Level(nn.Module):
             cond.record[key] = x
         if self.motion_modules is None:
             return x
-        motion = cond.motion[key] if cond.motion is not None else None
+        motion = None
+        if cond.motion is not None and self.motion_frame_features == "attention":
+            tokens = cond.motion[f"{self.key}.attentions.{j}.transformer_blocks.0"]  # (b, n, h*w, c)
+            motion = rearrange(tokens, "b n (h w) c -> b n c h w", h=x.shape[-2])
+        elif cond.motion is not None:
+            motion = cond.motion[key]  # (b, n, c, h, w)
         return self._run(self.motion_modules[j], x, cond.num_frames, motion, cond.speed)
 
     def _layer(self, j: int, x: torch.Tensor, temb: torch.Tensor, cond: Conditions) -> torch.Tensor:
         x = self._run(self.resnets[j], x, temb)
         if self.attentions is not None:
             x = self._run(self.attentions[j], x, cond)
+        if self.audio_modules is not None:
+            x = self._run(self.audio_modules[j], x, cond)
         return self._motion(j, x, cond)
 
 
@@ -60,13 +77,29 @@ def _resnet(cin: int, cout: int, temb: int, groups: int, eps: float) -> ResnetBl
 
 class DownBlock(_Level):
     def __init__(
-        self, cin, cout, temb, layers, groups, eps, downsample, make_attn: MakeLayer, make_motion: MakeLayer
+        self,
+        cin,
+        cout,
+        temb,
+        layers,
+        groups,
+        eps,
+        downsample,
+        make_attn: MakeLayer,
+        make_motion: MakeLayer,
+        make_audio: MakeAudioModule = None,
     ):
         super().__init__()
         self.resnets = nn.ModuleList(
             [_resnet(cin if j == 0 else cout, cout, temb, groups, eps) for j in range(layers)]
         )
         self.attentions = nn.ModuleList([make_attn(cout) for _ in range(layers)]) if make_attn else None
+        # Hallo's width rule: the inner width of layer j's audio module is that layer's input width
+        self.audio_modules = (
+            nn.ModuleList([make_audio(cout, cin if j == 0 else cout) for j in range(layers)])
+            if make_audio
+            else None
+        )
         self.motion_modules = (
             nn.ModuleList([make_motion(cout) for _ in range(layers)]) if make_motion else None
         )
@@ -90,15 +123,21 @@ class DownBlock(_Level):
 class MidBlock(_Level):
     """resnet -> spatial transformer -> motion module -> resnet (diffusers' mid-block order)."""
 
-    def __init__(self, channels, temb, groups, eps, make_attn: MakeLayer, make_motion: MakeLayer):
+    def __init__(
+        self, channels, temb, groups, eps, make_attn: MakeLayer, make_motion: MakeLayer,
+        make_audio: MakeAudioModule = None,
+    ):  # fmt: skip
         super().__init__()
         self.resnets = nn.ModuleList([_resnet(channels, channels, temb, groups, eps) for _ in range(2)])
         self.attentions = nn.ModuleList([make_attn(channels)])
+        self.audio_modules = nn.ModuleList([make_audio(channels, channels)]) if make_audio else None
         self.motion_modules = nn.ModuleList([make_motion(channels)]) if make_motion else None
 
     def forward(self, x, temb, cond):
         x = self._run(self.resnets[0], x, temb)
         x = self._run(self.attentions[0], x, cond)
+        if self.audio_modules is not None:
+            x = self._run(self.audio_modules[0], x, cond)
         x = self._motion(0, x, cond)
         return self._run(self.resnets[1], x, temb)
 
@@ -116,6 +155,7 @@ class UpBlock(_Level):
         upsample,
         make_attn: MakeLayer,
         make_motion: MakeLayer,
+        make_audio: MakeAudioModule = None,
     ):
         super().__init__()
         self.resnets = nn.ModuleList(
@@ -127,6 +167,10 @@ class UpBlock(_Level):
             ]
         )
         self.attentions = nn.ModuleList([make_attn(cout) for _ in range(layers)]) if make_attn else None
+        # Hallo's width rule: an up block's audio modules are as wide as the block's `cin` (its skip input)
+        self.audio_modules = (
+            nn.ModuleList([make_audio(cout, cin) for _ in range(layers)]) if make_audio else None
+        )
         self.motion_modules = (
             nn.ModuleList([make_motion(cout) for _ in range(layers)]) if make_motion else None
         )
@@ -146,7 +190,7 @@ class UpBlock(_Level):
 UNET_ARGS = (
     "in_channels", "down_block_types", "up_block_types", "block_out_channels", "layers_per_block",
     "attention_head_dim", "norm_num_groups", "norm_eps", "transformer_layers_per_block", "flip_sin_to_cos",
-    "freq_shift",
+    "freq_shift", "reference_attention", "cross_attention_dim",
 )  # fmt: skip
 
 
@@ -173,19 +217,39 @@ def build_unet(
     freq_shift: int,
     make_audio_attention: MakeLayer = None,
     make_motion: MakeLayer = None,
+    make_audio_module: MakeAudioModule = None,
+    motion_in_plain_blocks: bool = True,
+    motion_frame_features: str = "layer",
+    reference_attention: str = "cross",
+    cross_attention_dim: int | None = None,
 ) -> None:
     """Attach the SD 1.5-shaped UNet layers to `model` (`out_channels=None`: no output head, as ReferenceNet).
 
     `attention_head_dim` is diffusers' legacy name for the NUMBER of heads of SD 1.5 (8).
+    make_audio_attention: audio attention inside each spatial transformer block (EMO);
+    make_audio_module: an audio module after each spatial transformer, (channels, width) -> module (Hallo);
+    motion_in_plain_blocks: False builds motion modules only in blocks with spatial transformers;
+    reference_attention / cross_attention_dim: see `attention.SpatialTransformerBlock`.
     """
+    if motion_frame_features not in ("layer", "attention"):
+        raise ValueError(
+            f"motion_frame_features must be 'layer' or 'attention', got {motion_frame_features!r}"
+        )
     channels = block_out_channels
     temb = channels[0] * 4
     heads = attention_head_dim
 
     def make_attn(c: int) -> SpatialTransformer:
         return SpatialTransformer(
-            c, heads, transformer_layers_per_block, norm_num_groups, make_audio_attention
-        )
+            c, heads, transformer_layers_per_block, norm_num_groups, make_audio_attention,
+            reference_attention, cross_attention_dim,
+        )  # fmt: skip
+
+    def motion_for(kind: str) -> MakeLayer:
+        return make_motion if motion_in_plain_blocks or kind in ATTENTION_BLOCKS else None
+
+    def audio_for(kind: str) -> MakeAudioModule:
+        return make_audio_module if kind in ATTENTION_BLOCKS else None
 
     model.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
     model.time_proj = Timesteps(channels[0], flip_sin_to_cos, freq_shift)
@@ -196,12 +260,15 @@ def build_unet(
                 channels[max(i - 1, 0)], channels[i], temb, layers_per_block, norm_num_groups, norm_eps,
                 downsample=i < len(channels) - 1,
                 make_attn=make_attn if kind in ATTENTION_BLOCKS else None,
-                make_motion=make_motion,
+                make_motion=motion_for(kind),
+                make_audio=audio_for(kind),
             )
             for i, kind in enumerate(down_block_types)
         ]
     )  # fmt: skip
-    model.mid_block = MidBlock(channels[-1], temb, norm_num_groups, norm_eps, make_attn, make_motion)
+    model.mid_block = MidBlock(
+        channels[-1], temb, norm_num_groups, norm_eps, make_attn, make_motion, make_audio_module
+    )
     reversed_channels = list(reversed(channels))
     model.up_blocks = nn.ModuleList(
         [
@@ -210,7 +277,8 @@ def build_unet(
                 reversed_channels[max(i - 1, 0)], temb, layers_per_block + 1, norm_num_groups, norm_eps,
                 upsample=i < len(channels) - 1,
                 make_attn=make_attn if kind in ATTENTION_BLOCKS else None,
-                make_motion=make_motion,
+                make_motion=motion_for(kind),
+                make_audio=audio_for(kind),
             )
             for i, kind in enumerate(up_block_types)
         ]
@@ -222,6 +290,8 @@ def build_unet(
     for name, module in model.named_modules():
         if isinstance(module, _Level | SpatialTransformerBlock):
             module.key = name
+        if isinstance(module, _Level):
+            module.motion_frame_features = motion_frame_features
 
 
 def run_unet(

@@ -1,0 +1,61 @@
+"""How a pipeline conditions its networks: the switches that differ between EMO-native and Hallo models.
+
+The networks' own structure is in each model's config (see `pipeline.hallo` for Hallo's values); these are the
+pipeline-level choices, saved in the model folder's `model_index.json` as `behaviour`, so that
+`EmoPipeline.from_pretrained(folder)(image, audio)` does the right thing for either kind of model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    # audio features: "emo" = all wav2vec2 hidden states at 50 Hz resampled to the frame rate;
+    # "hallo" = the waveform normalised whole, padded with zeros to whole clips, the CNN features
+    # interpolated to the frame rate BEFORE the transformer, the outputs of its layers
+    audio_features: str = "emo"
+    # classifier-free guidance: "separate" = audio and reference scales (`combine_guidance`);
+    # "joint" = one unconditional branch without reference, audio, identity or face-locator features
+    guidance: str = "separate"
+    # motion frames of the first clip: "zeros" (EMO) or copies of the reference image ("reference")
+    first_motion_frames: str = "zeros"
+    # motion frames of later clips: the last latents of the previous clip ("latents"), or its last decoded
+    # frames encoded again by the VAE ("decoded")
+    motion_frames: str = "latents"
+    # resampling of the portrait to the model size (PIL filter name)
+    image_resample: str = "lanczos"
+    # --- Hallo's inference as it really runs (each looks accidental, each shapes its published output) ---
+    # the ReferenceNet batch is [reference, motion frames...] for the unconditional then the conditional
+    # branch, and its cross-attention context [uncond, cond] identity tokens is tiled over it row by row
+    reference_identity_interleave: bool = False
+    # the ReferenceNet features the backbone reads are rounded to float16, whatever the weights' dtype
+    reference_fp16: bool = False
+
+    CHOICES = {
+        "audio_features": ("emo", "hallo"),
+        "guidance": ("separate", "joint"),
+        "first_motion_frames": ("zeros", "reference"),
+        "motion_frames": ("latents", "decoded"),
+        "image_resample": ("lanczos", "bilinear", "bicubic", "nearest"),
+    }
+
+    def __post_init__(self):
+        for name, allowed in self.CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"behaviour.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_config(cls, values: dict | None) -> Behaviour:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values or {}) - known
+        if unknown:
+            raise ValueError(f"unknown behaviour switches {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**(values or {}))
+
+    def to_config(self) -> dict:
+        return asdict(self)
+
+
+EMO = Behaviour()
