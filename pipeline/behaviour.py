@@ -32,6 +32,9 @@ class Behaviour:
     reference_identity_interleave: bool = False
     # the ReferenceNet features the backbone reads are rounded to float16, whatever the weights' dtype
     reference_fp16: bool = False
+    # (with the interleave) the clip's frames read the reference features of the unconditional and the
+    # conditional ReferenceNet rows in turn, even frames the former: Hallo's feature bank tiled over frames
+    reference_frames_alternate: bool = False
 
     CHOICES = {
         "audio_features": ("emo", "hallo"),
@@ -45,6 +48,8 @@ class Behaviour:
         for name, allowed in self.CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"behaviour.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.reference_frames_alternate and not self.reference_identity_interleave:
+            raise ValueError("behaviour.reference_frames_alternate needs reference_identity_interleave")
 
     @classmethod
     def from_config(cls, values: dict | None) -> Behaviour:

@@ -54,6 +54,7 @@ HALLO_BEHAVIOUR = Behaviour(
     image_resample="bilinear",  # torchvision's Resize on the PIL portrait
     reference_identity_interleave=True,  # [ref, m1, m2] x 2 rows with identity tokens [u, c, u, c, u, c]
     reference_fp16=True,  # the reference bank is copied with .to(float16) whatever the weights' dtype
+    reference_frames_alternate=True,  # frame i reads the bank row of the ref with null (even i) / cond identity
 )
 HALLO_GENERATION_DEFAULTS = dict(
     num_inference_steps=40,

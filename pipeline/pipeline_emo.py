@@ -73,7 +73,9 @@ def resolve_settings(model_defaults: dict | None, **arguments) -> dict:
 class ClipConditions:
     """Everything the backbone reads for one clip, before the guidance branches are formed."""
 
-    reference: dict[str, torch.Tensor]  # ReferenceNet tokens of the reference, key -> (1, s, c)
+    # ReferenceNet tokens of the reference, key -> (1, s, c); with `reference_frames_alternate` (2, s, c): the
+    # rows made with the null and with the conditional identity tokens
+    reference: dict[str, torch.Tensor]
     motion: dict[str, torch.Tensor] | None  # motion-frame features, key -> (1, n, ...)
     motion_null: (
         dict[str, torch.Tensor] | None
@@ -445,7 +447,19 @@ class EmoPipeline(DiffusionPipeline):
         concat = self.denoising_unet.config.reference_attention == "concat"
         joint = self.behaviour.guidance == "joint"
         used = [use_ref for use_ref, _ in selected]
-        if concat:
+        behaviour = self.behaviour
+        alternate = (
+            concat
+            and behaviour.reference_identity_interleave
+            and behaviour.reference_frames_alternate
+            and conds.identity is not None
+        )
+        reference_index = None
+        if alternate:  # frame i of each sample with a reference reads row i % 2 ([null, conditional])
+            reference = conds.reference if any(used) else None
+            frames = conds.audio.shape[1]
+            reference_index = (torch.arange(frames) % 2).repeat(sum(used)).to(conds.audio.device)
+        elif concat:
             reference = (
                 {k: torch.cat([v] * sum(used)) for k, v in conds.reference.items()} if any(used) else None
             )
@@ -485,6 +499,8 @@ class EmoPipeline(DiffusionPipeline):
             inputs["identity_tokens"] = torch.cat([cond if use_ref else null for use_ref in used])
         if concat:
             inputs["reference_used"] = used
+        if reference_index is not None:
+            inputs["reference_index"] = reference_index
         return inputs
 
     def _predict(self, latents, t, conds: ClipConditions, built: dict, branches) -> list[torch.Tensor]:
@@ -543,8 +559,10 @@ class EmoPipeline(DiffusionPipeline):
         from_attention = self.denoising_unet.config.motion_frame_features == "attention"
         source = out.reference_tokens if from_attention else out.motion_features
         first = 1 if with_reference else 0
+        # the conditional row; with `reference_frames_alternate` [unconditional, conditional] rows
+        rows_of = (halves[1], halves[0]) if interleave and behaviour.reference_frames_alternate else halves[:1]
         reference = (
-            {k: rounded(v[halves[0]][:1]) for k, v in out.reference_tokens.items()}
+            {k: rounded(torch.cat([v[half][:1] for half in rows_of])) for k, v in out.reference_tokens.items()}
             if with_reference
             else None
         )

@@ -230,6 +230,14 @@ def test_converted_model_generates_deterministically(converted):
     # the region weights, the face embedding and the masks all reach the output
     for change in (dict(lip_weight=0.0), dict(face_embedding=np.zeros(512, np.float32))):
         assert np.abs(_generate(pipe, **change) - frames).max() > 1e-4, change
+    # Hallo's frames read the null- and the conditional-identity reference in turn; without the switch, all
+    # frames read the conditional one: a different video
+    behaviour = dict(pipe.config.behaviour)
+    pipe.register_to_config(behaviour={**behaviour, "reference_frames_alternate": False})
+    try:
+        assert np.abs(_generate(pipe, seconds=0.8) - frames).max() > 1e-4
+    finally:
+        pipe.register_to_config(behaviour=behaviour)
     with pytest.raises(ValueError, match="`face_embedding` must have 512 values, got 3"):
         _generate(pipe, face_embedding=np.ones(3))
 

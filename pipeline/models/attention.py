@@ -59,18 +59,27 @@ class Attention(nn.Module):
             nn.init.zeros_(self.to_out[0].bias)
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor | None = None, extra: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        extra: torch.Tensor | None = None,
+        extra_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (b, l, c); context: (b, s, c_ctx) -> (b, l, c).
 
-        extra: (b / g, s, c) tokens appended to the keys/values of self-attention, shared by each group of g
-        consecutive rows of x (the frames of a sample); their keys/values are cached like a context's.
+        extra: (m, s, c) tokens appended to the keys/values of self-attention; their keys/values are cached
+        like a context's. Row i of x reads row `extra_index[i]` of them; without an index each row of extra
+        is shared by a group of b / m consecutive rows of x (the frames of a sample).
         """
         q = rearrange(self.to_q(x), "b l (h d) -> b h l d", h=self.heads)
         k, v = self._keys_values(x if context is None else context, shared=context is not None)
         if extra is not None:
-            g = x.shape[0] // extra.shape[0]
-            k_extra, v_extra = (t.repeat_interleave(g, dim=0) for t in self._keys_values(extra, shared=True))
+            k_extra, v_extra = self._keys_values(extra, shared=True)
+            if extra_index is None:
+                g = x.shape[0] // extra.shape[0]
+                k_extra, v_extra = (t.repeat_interleave(g, dim=0) for t in (k_extra, v_extra))
+            else:
+                k_extra, v_extra = k_extra[extra_index], v_extra[extra_index]
             k, v = torch.cat([k, k_extra], dim=2), torch.cat([v, v_extra], dim=2)
         # 4-D inputs: SDPA's fused CPU/GPU kernels need them (3-D falls back to the slow math path)
         if self.slice_size is None:
@@ -146,6 +155,8 @@ class Conditions:
     identity: torch.Tensor | None = None  # (b, k, d) identity tokens of each sample (attn2's context)
     # per sample: False = no reference tokens (then `reference` holds rows of the other samples only)
     reference_used: list[bool] | None = None
+    # per frame of the samples that use a reference: the row of `reference` it reads (None: one row a sample)
+    reference_index: torch.Tensor | None = None
     # region-masked audio modules (Hallo): (h, w) of a level -> (b, h*w, 3) full/face/lip weights per token
     region_masks: dict[tuple[int, int], torch.Tensor] | None = None
     region_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # pose/full, face, lip branch weights
@@ -195,16 +206,16 @@ class SpatialTransformerBlock(nn.Module):
         """attn1; in "concat" mode the samples with a reference also attend to its tokens."""
         if self.reference_attention == "cross" or cond.reference is None:
             return self.attn1(tokens)
-        reference = cond.reference[self.key]  # one row per sample that uses it
-        used = cond.reference_used
+        reference = cond.reference[self.key]  # one row per sample that uses it, or rows reference_index picks
+        used, index = cond.reference_used, cond.reference_index
         if used is None or all(used):
-            return self.attn1(tokens, extra=reference)
+            return self.attn1(tokens, extra=reference, extra_index=index)
         rows = tokens.unflatten(0, (len(used), -1))  # (b, f, l, c): rows are sample-major
         with_ref = [i for i, use in enumerate(used) if use]
         plain = [i for i, use in enumerate(used) if not use]
         out = torch.empty_like(rows)
         if with_ref:
-            out[with_ref] = self.attn1(rows[with_ref].flatten(0, 1), extra=reference).unflatten(
+            out[with_ref] = self.attn1(rows[with_ref].flatten(0, 1), extra=reference, extra_index=index).unflatten(
                 0, (len(with_ref), -1)
             )
         out[plain] = self.attn1(rows[plain].flatten(0, 1)).unflatten(0, (len(plain), -1))

@@ -114,6 +114,7 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
         face_features: torch.Tensor | None = None,
         identity_tokens: torch.Tensor | None = None,
         reference_used: list[bool] | None = None,
+        reference_index: torch.Tensor | None = None,
         region_masks: dict[tuple[int, int], torch.Tensor] | None = None,
         region_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
         return_dict: bool = True,
@@ -126,7 +127,8 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
         audio_tokens: (b, f, k, audio_dim); speed_tokens: (b, f, speed_dim);
         face_features: (b, block_out_channels[0], h, w) from the face locator, added to every frame;
         "concat" reference attention: identity_tokens (b, k, cross_attention_dim), reference_used (per sample,
-        False: no reference; `reference_tokens` then holds the other samples' rows only);
+        False: no reference; `reference_tokens` then holds the other samples' rows only), reference_index (per
+        frame of the samples with a reference, the row of `reference_tokens` it reads; default one row each);
         region audio modules: region_masks {(h, w): (b, h*w, 3)} full/face/lip weights of each level's tokens,
         region_weights the (pose, face, lip) weights of the three branches.
         motion_features with `motion_frame_features="attention"`: key -> (b, n, h*w, c) attention tokens.
@@ -141,6 +143,7 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
             speed=speed_tokens,
             identity=identity_tokens,
             reference_used=reference_used,
+            reference_index=reference_index,
             region_masks=region_masks,
             region_weights=tuple(region_weights),
         )
