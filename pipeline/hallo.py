@@ -292,6 +292,25 @@ def load_component(
     model.load_state_dict(target)
 
 
+def hallo_pipeline(models: dict, vae, audio_encoder, feature_extractor):
+    """An `EmoPipeline` of Hallo's networks (`models`: reference_net, denoising_unet, face_locator,
+    identity_projection, audio_projection) with Hallo's scheduler, generation defaults and behaviour."""
+    from diffusers import DDIMScheduler
+
+    from .pipeline_emo import EmoPipeline
+
+    return EmoPipeline(
+        vae=vae,
+        audio_encoder=audio_encoder,
+        feature_extractor=feature_extractor,
+        speed_encoder=None,
+        scheduler=DDIMScheduler(**HALLO_SCHEDULER),
+        generation_defaults=HALLO_GENERATION_DEFAULTS,
+        behaviour=HALLO_BEHAVIOUR.to_config(),
+        **models,
+    )
+
+
 def convert_hallo(
     release: str | Path | None,
     output: str | Path,
@@ -309,11 +328,10 @@ def convert_hallo(
     release: a folder laid out like Hallo's `pretrained_models/`; the keyword paths override single files
     (e.g. `net=` Hallo2's or JoyHallo's net.pth, `wav2vec=` JoyHallo's Chinese wav2vec2).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler
+    from diffusers import AutoencoderKL
     from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
     from .models import AudioProjection, EmoUNet3DModel, FaceLocator, IdentityProjection, ReferenceNet
-    from .pipeline_emo import EmoPipeline
 
     if dtype not in ("fp16", "fp32", "bf16"):
         raise ConversionError(f"dtype must be fp16, bf16 or fp32, got {dtype!r}")
@@ -388,19 +406,17 @@ def convert_hallo(
         vae_model = AutoencoderKL.from_pretrained(paths["vae"])
     except OSError as error:
         raise ConversionError(f"vae: cannot load an AutoencoderKL from {paths['vae']}: {error}") from error
-    pipe = EmoPipeline(
-        vae=vae_model,
-        reference_net=reference_net,
-        denoising_unet=denoising_unet,
-        face_locator=face_locator,
-        audio_encoder=encoder,
-        feature_extractor=feature_extractor,
-        audio_projection=audio_projection,
-        speed_encoder=None,
-        scheduler=DDIMScheduler(**HALLO_SCHEDULER),
-        identity_projection=identity,
-        generation_defaults=HALLO_GENERATION_DEFAULTS,
-        behaviour=HALLO_BEHAVIOUR.to_config(),
+    pipe = hallo_pipeline(
+        dict(
+            reference_net=reference_net,
+            denoising_unet=denoising_unet,
+            face_locator=face_locator,
+            identity_projection=identity,
+            audio_projection=audio_projection,
+        ),
+        vae_model,
+        encoder,
+        feature_extractor,
     )
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     # the audio encoder stays in float32, as Hallo runs it; nn.Module.to skips diffusers' cast warning

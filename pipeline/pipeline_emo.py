@@ -411,14 +411,24 @@ class EmoPipeline(DiffusionPipeline):
             )
             mask = np.asarray(face_mask.convert("L").resize((width, height), resample), np.float32) / 255.0
         else:
-            mask = torch.as_tensor(
-                np.asarray(face_mask) if not isinstance(face_mask, torch.Tensor) else face_mask
+            array = (
+                face_mask.detach().cpu().numpy()
+                if isinstance(face_mask, torch.Tensor)
+                else np.asarray(face_mask)
             )
-            if mask.ndim != 2:
-                raise ValueError(f"`face_mask` must be a 2-D (H, W) mask, got shape {tuple(mask.shape)}")
-            mask = torch.nn.functional.interpolate(
-                mask.float()[None, None], size=(height, width), mode="nearest"
-            )[0, 0]
+            if array.ndim != 2:
+                raise ValueError(f"`face_mask` must be a 2-D (H, W) mask, got shape {tuple(array.shape)}")
+            array = array / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+            if self.behaviour.image_resample == "bilinear" and array.shape != (height, width):
+                # Hallo's models: as an 8-bit image, resized like the portrait (Hallo reads its mask PNG)
+                image = PIL.Image.fromarray(np.round(np.clip(array, 0, 1) * 255).astype(np.uint8), "L")
+                mask = np.asarray(image.resize((width, height), PIL.Image.BILINEAR), np.float32) / 255.0
+            else:
+                mask = torch.nn.functional.interpolate(
+                    torch.as_tensor(array, dtype=torch.float32)[None, None],
+                    size=(height, width),
+                    mode="nearest",
+                )[0, 0]
         return (
             torch.as_tensor(np.asarray(mask), dtype=torch.float32)
             .reshape(1, 1, height, width)
@@ -560,9 +570,14 @@ class EmoPipeline(DiffusionPipeline):
         source = out.reference_tokens if from_attention else out.motion_features
         first = 1 if with_reference else 0
         # the conditional row; with `reference_frames_alternate` [unconditional, conditional] rows
-        rows_of = (halves[1], halves[0]) if interleave and behaviour.reference_frames_alternate else halves[:1]
+        rows_of = (
+            (halves[1], halves[0]) if interleave and behaviour.reference_frames_alternate else halves[:1]
+        )
         reference = (
-            {k: rounded(torch.cat([v[half][:1] for half in rows_of])) for k, v in out.reference_tokens.items()}
+            {
+                k: rounded(torch.cat([v[half][:1] for half in rows_of]))
+                for k, v in out.reference_tokens.items()
+            }
             if with_reference
             else None
         )

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from hallo_release import TINY_UNET, hallo_net_shapes, write_tiny_release
+from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline import EmoPipeline
@@ -287,3 +288,15 @@ def test_every_mapped_tensor_reaches_the_output(converted):
     # the position tables are buffers: they matter too
     mapped_tables = [k for k, v in report.mapped.items() if v.endswith(".pe")]
     assert len(mapped_tables) == 2 * 16  # 16 motion modules run, 2 tables each
+
+
+def test_face_mask_arrays_are_resized_as_hallo_resizes_its_mask_png(converted):
+    pipe = EmoPipeline.from_pretrained(converted[0])
+    box = np.zeros((75, 90), np.uint8)
+    box[10:60, 20:70] = 255
+    as_png = pipe.prepare_face_mask(Image.fromarray(box), None, 64, 64, "cpu")
+    expected = np.asarray(Image.fromarray(box).resize((64, 64), Image.BILINEAR), np.float32) / 255
+    np.testing.assert_array_equal(as_png[0, 0].numpy(), expected)
+    assert 0 < expected[8, 16] < 1  # soft edges, as Hallo's bilinear resize makes them
+    for array in (box, box / 255.0, torch.as_tensor(box / 255.0)):
+        np.testing.assert_array_equal(pipe.prepare_face_mask(array, None, 64, 64, "cpu"), as_png)
