@@ -1,9 +1,11 @@
-"""Command line: `python -m emo_app generate --image IMG --audio AUDIO --output OUT.mp4`, `python -m emo_app info`.
+"""Command line: `python -m emo_app generate --image IMG --audio AUDIO --output OUT.mp4`, `python -m emo_app info`,
+`python -m emo_app download hallo [--variant hallo2]` (Hallo's weights -> a model folder for --model).
 
 Exit codes: 0 done; 2 a bad input, setting or model (one line on stderr, no traceback, no output file);
 130 interrupted with Ctrl-C (no output file). The inputs are checked before the model is loaded, so a
 mistake is reported in seconds. Library logs are limited to errors; the progress bar shows clip i/N and
-the denoising steps.
+the denoising steps. An option the loaded model has no use for (--speed without speed layers, the
+--pose/face/lip-weight options without Hallo's region audio modules) is a one-line `warning:` on stderr.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import logging
 import os
 import platform
+import shlex
 import sys
 import warnings
 from collections.abc import Iterator
@@ -21,10 +24,16 @@ from importlib import metadata
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 VERSIONS_OF = ("torch", "diffusers", "transformers", "gradio", "mediapipe")
+FLAGS = {  # GenerationSettings field -> its option, for messages
+    "head_speed": "--speed",
+    "pose_weight": "--pose-weight",
+    "face_weight": "--face-weight",
+    "lip_weight": "--lip-weight",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `python -m emo_app` argument parser (subcommands `generate` and `info`)."""
+    """The `python -m emo_app` argument parser (subcommands `generate`, `info` and `download`)."""
     parser = argparse.ArgumentParser(
         prog="python -m emo_app", description="EMO: a portrait photo and a vocal audio -> a talking video."
     )
@@ -64,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="head motion, degrees/frame (speech 0.1-1.0, singing 1.0-1.3; default: the model's, EMO 1.0)",
     )
+    for region, drives in (("pose", "head pose"), ("face", "expression"), ("lip", "lips")):
+        gen.add_argument(
+            f"--{region}-weight",
+            type=float,
+            help=f"Hallo's models: how strongly the audio drives the {drives} (0 = off, default 1 = as trained)",
+        )
     gen.add_argument("--seed", type=int, help="random seed (default: random, printed)")
     gen.add_argument("--fps", type=float, help="frames per second (default: the model's, EMO 25)")
     gen.add_argument(
@@ -80,6 +95,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="print the model, device, dtype and library versions")
     add_model_options(info)
+
+    download = commands.add_parser(
+        "download",
+        help="download published weights and convert them into a model folder for --model (needs a network)",
+    )
+    download.add_argument("source", choices=("hallo",), help="whose weights: hallo (Fudan's Hallo, MIT)")
+    download.add_argument(
+        "--variant",
+        choices=("hallo", "hallo2"),
+        default="hallo",
+        help="hallo (fudan-generative-ai/hallo, default) or hallo2 (fudan-generative-ai/hallo2); about 6 GB",
+    )
+    download.add_argument("--output", help="the model folder to write (default: ~/.cache/emo/<variant>)")
+    download.add_argument(
+        "--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="stored precision (default fp16)"
+    )
+    download.add_argument(
+        "--cache-dir",
+        help="Hugging Face cache for the downloaded files (default: huggingface_hub's, $HF_HOME)",
+    )
     return parser
 
 
@@ -118,7 +153,7 @@ def _native_stderr_silenced() -> Iterator[None]:
 def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .generate import GenerationSettings, prepare_inputs, render
+    from .generate import GenerationSettings, ignored_settings, prepare_inputs, render
     from .models import load_pipeline, model_defaults, resolve_model
 
     settings = GenerationSettings(
@@ -130,13 +165,20 @@ def _generate(args: argparse.Namespace) -> int:
         fps=args.fps,
         paste_back=args.paste_back,
         max_duration=args.max_duration,
+        pose_weight=args.pose_weight,
+        face_weight=args.face_weight,
+        lip_weight=args.lip_weight,
     )
+    given = settings
     path = resolve_model(args.model)
     settings = settings.with_model_defaults(model_defaults(path))
     with _native_stderr_silenced():
         inputs = prepare_inputs(args.image, args.audio, settings, limit_hint="--max-duration")
     pipe = load_pipeline(path, device=args.device, dtype=args.dtype, low_vram=args.low_vram)
     pipe.set_progress_bar_config(disable=True)
+    for name in ignored_settings(pipe, given):
+        lacks = "speed layers" if name == "head_speed" else "region audio modules (Hallo's)"
+        print(f"warning: {FLAGS[name]} has no effect: this model has no {lacks}", file=sys.stderr)
     with tqdm(total=inputs.num_clips * settings.steps, unit="step", dynamic_ncols=True) as bar:
 
         def progress(clip: int, num_clips: int, step: int, steps: int) -> None:
@@ -190,6 +232,27 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _download(args: argparse.Namespace) -> int:
+    from .download import RELEASES, download_hallo
+
+    print(
+        f"downloading {RELEASES[args.variant].repo_id} (net.pth, VAE, wav2vec2, insightface models; files already "
+        "in the Hugging Face cache are reused), then converting it",
+        file=sys.stderr,
+    )
+    folder, summary = download_hallo(args.variant, args.output, dtype=args.dtype, cache_dir=args.cache_dir)
+    print(f"{folder}: {summary}")
+    model = shlex.quote(str(folder))
+    print(
+        f"{folder} is ready: python app.py --model {model}  or  python -m emo_app generate --model {model} "
+        "--image PORTRAIT --audio VOICE --output talking.mp4"
+    )
+    return 0
+
+
+COMMANDS = {"generate": _generate, "info": _info, "download": _download}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI on `argv` (default: sys.argv[1:]); returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -198,10 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     from .models import ModelError
 
     try:
-        return _generate(args) if args.command == "generate" else _info(args)
+        return COMMANDS[args.command](args)
     except (InputError, ModelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("interrupted: no video written", file=sys.stderr)
+        done = (
+            "files downloaded so far are kept for the next run"
+            if args.command == "download"
+            else "no video written"
+        )
+        print(f"interrupted: {done}", file=sys.stderr)
         return EXIT_INTERRUPTED

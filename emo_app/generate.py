@@ -2,7 +2,8 @@
 
 `generate(pipe, image, audio_path, output_path, settings)` does, in order:
 1. read and check the portrait, crop the face (EMO's 512 x 512 head-and-shoulders framing) and make the
-   face-locator mask from the detected box;
+   face-locator mask from the detected box (models with Hallo's region audio modules: the pipeline makes
+   Hallo's face box and region masks from the crop's landmarks instead);
 2. read the audio (16 kHz mono for the model), refusing audio longer than `settings.max_duration`;
 3. run the pipeline clip by clip with `output_type="none"`: every decoded clip goes straight into the
    mp4 encoder (pasted back into the photo if asked), so memory does not grow with the video's length;
@@ -42,6 +43,7 @@ CROP_SIZE = 512  # pixels: side of the face crop (EMO's training crops); the pip
 MIN_IMAGE_SIDE = 64  # pixels: below this, a photo has too little face to animate
 
 ProgressCallback = Callable[[int, int, int, int], None]
+REGION_WEIGHTS = ("pose_weight", "face_weight", "lip_weight")  # settings read by region audio modules only
 
 
 def _default(function: Callable, argument: str) -> float:
@@ -75,7 +77,11 @@ class GenerationSettings:
         paste_back: paste the generated face crop back into the full photo (video of the photo's size).
         max_duration: longest accepted audio, seconds.
         crop_margin: space around the face box on each side, as a fraction of the box side.
-        mask_expand: scale of the face box that bounds where the face may move (face-locator mask).
+        mask_expand: scale of the face box that bounds where the face may move (face-locator mask); models with
+            region audio modules (Hallo's) use Hallo's own face box instead.
+        pose_weight, face_weight, lip_weight: how strongly the audio drives the head pose, the expression and the
+            lips (the full/face/lip branches of Hallo's region audio modules; 0 = off, 1 = as trained); None: 1.
+            Only models with region audio modules take them (`ignored_settings`).
     """
 
     preset: str | None = None
@@ -89,8 +95,12 @@ class GenerationSettings:
     max_duration: float = 60.0
     crop_margin: float = field(default_factory=lambda: _default(crop_face, "margin"))
     mask_expand: float = field(default_factory=lambda: _default(face_mask, "expand"))
+    pose_weight: float | None = None
+    face_weight: float | None = None
+    lip_weight: float | None = None
 
     def __post_init__(self) -> None:
+        weight = "a weight in [0, 10] (1 = as trained)"
         checks = (
             (
                 "steps",
@@ -112,6 +122,9 @@ class GenerationSettings:
             ("max_duration", self.max_duration > 0, "seconds > 0"),
             ("crop_margin", self.crop_margin >= 0, "a fraction >= 0 of the face box"),
             ("mask_expand", self.mask_expand >= 1, "a box scale >= 1"),
+            ("pose_weight", self.pose_weight is None or 0 <= self.pose_weight <= 10, weight),
+            ("face_weight", self.face_weight is None or 0 <= self.face_weight <= 10, weight),
+            ("lip_weight", self.lip_weight is None or 0 <= self.lip_weight <= 10, weight),
         )
         if self.preset is not None and self.preset not in PRESETS:
             raise InputError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}.")
@@ -197,6 +210,26 @@ class GenerationResult:
     seed: int
     seconds: float
     cancelled: bool
+
+
+def ignored_settings(pipe: EmoPipeline, settings: GenerationSettings) -> list[str]:
+    """The settings given (not None) that `pipe` has no use for: head_speed without speed layers (Hallo's
+    models), the pose/face/lip weights without region audio modules (EMO's). Call it before
+    `with_model_defaults`, which fills head_speed in."""
+    unused = [] if pipe.has_speed_layers else ["head_speed"]
+    unused += [] if pipe.has_region_audio else list(REGION_WEIGHTS)
+    return [name for name in unused if getattr(settings, name) is not None]
+
+
+def model_arguments(pipe: EmoPipeline, settings: GenerationSettings, mask: np.ndarray) -> dict:
+    """The pipeline arguments that depend on the model: EMO's models get the face-locator `mask`; models with
+    region audio modules (Hallo's) get the pose/face/lip weights given, and no mask, so that the pipeline makes
+    Hallo's face box and region masks from the portrait's landmarks (one pass)."""
+    if not pipe.has_region_audio:
+        return {"face_mask": mask}
+    return {
+        name: float(getattr(settings, name)) for name in REGION_WEIGHTS if getattr(settings, name) is not None
+    }
 
 
 def _frame_count(speech: Audio, settings: GenerationSettings) -> tuple[int, int]:
@@ -319,7 +352,6 @@ def render(
                 reference_image=inputs.crop.image,
                 audio=inputs.speech.mono,
                 sampling_rate=inputs.speech.sampling_rate,
-                face_mask=inputs.mask,
                 head_speed=settings.head_speed,
                 num_inference_steps=settings.steps,
                 preset=settings.preset,
@@ -330,12 +362,20 @@ def render(
                 output_type="none",
                 callback_on_step_end=on_step,
                 callback_on_clip_end=on_clip,
+                **model_arguments(pipe, settings, inputs.mask),
             )
         cancelled = cancel is not None and cancel.is_set()
         if cancelled:
             writer.abort()
         else:
             writer.close()
+    except (NoFaceError, ImportError, FileNotFoundError) as error:
+        writer.abort()
+        if isinstance(error, NoFaceError) or pipe.identity_projection is not None:
+            # Hallo's models: no face landmarks for the region masks, or no insightface (or its models) for the
+            # face embedding; the message says what to do
+            raise InputError(str(error)) from error
+        raise
     except BaseException:
         writer.abort()
         raise

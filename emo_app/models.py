@@ -47,12 +47,26 @@ def resolve_model(model: str | os.PathLike | None) -> str:
             )
     path = Path(model).expanduser()
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ModelError(f"model folder '{path}' has no model_index.json: it is not a saved EmoPipeline")
-        return str(path)
+        if (path / "model_index.json").is_file():
+            return str(path)
+        if any(path.glob("*/net.pth")):
+            raise ModelError(
+                f"model folder '{path}' looks like Hallo's pretrained_models/, not a saved EmoPipeline: convert it "
+                f"with python -m pipeline.convert hallo --release {path} --output OUT, then pass --model OUT"
+            )
+        raise ModelError(f"model folder '{path}' has no model_index.json: it is not a saved EmoPipeline")
     if path.exists():
         raise ModelError(f"model '{model}' is a file: pass the folder that holds model_index.json")
     from huggingface_hub import snapshot_download
+
+    from .download import RELEASES
+
+    for variant, release in RELEASES.items():
+        if str(model) == release.repo_id:
+            raise ModelError(
+                f"'{model}' holds Hallo's original files, not an EmoPipeline: run python -m emo_app download hallo "
+                f"--variant {variant}, then pass --model with the folder it prints"
+            )
 
     try:
         return snapshot_download(str(model))
@@ -183,12 +197,24 @@ def _model_name(path: Path) -> str:
     return path.name
 
 
+HALLO_SUMMARY = (
+    "Hallo's trained weights (Fudan University; Hallo, Hallo2 and JoyHallo share the network), converted to this "
+    "pipeline ({size}): the voice drives the head pose, the expression and the lips through Hallo's region audio "
+    "modules (pose/face/lip weights){speed}. Needs a GPU in practice (Hallo reports "
+    "about 9.8 GB of GPU memory and 1.6 s per frame at 512x512). Licences: Hallo's weights MIT, their UNets "
+    "fine-tuned from Stable Diffusion 1.5 (CreativeML OpenRAIL-M, with its use restrictions); the insightface "
+    "face-analysis models non-commercial research use only."
+)
+
+
 def describe_model(pipe: EmoPipeline, model_path: str | os.PathLike) -> dict:
     """What is loaded, for people: a dict with
 
     name (hub id or folder name), path, parameters (count over all networks), resolution (frame side,
-    pixels), device, dtype, embedded (True for the project's small embedded model) and summary (one
-    sentence on what the model can and cannot do).
+    pixels), device, dtype, embedded (True for the project's small embedded model), hallo (True for Hallo's
+    converted weights), speed_layers (the model reads the head speed), region_audio (the model reads the
+    pose/face/lip weights) and summary (what the model is, what it can and cannot do; for Hallo's weights their
+    licences).
     """
     path = Path(model_path).resolve()
     parameters = sum(
@@ -197,7 +223,15 @@ def describe_model(pipe: EmoPipeline, model_path: str | os.PathLike) -> dict:
     resolution = pipe.default_size
     embedded = EMBEDDED_MODEL_DIR.is_dir() and path == EMBEDDED_MODEL_DIR.resolve()
     size = f"{resolution}x{resolution} px, {parameters / 1e6:.0f} M parameters"
-    if embedded:
+    hallo = pipe.has_region_audio  # Hallo's audio modules: only Hallo's weights have them
+    if hallo:
+        speed = (
+            "; speed layers added to it take the head speed"
+            if pipe.has_speed_layers
+            else "; no head-speed control"
+        )
+        summary = HALLO_SUMMARY.format(size=size, speed=speed)
+    elif embedded:
         summary = (
             f"The project's small embedded model ({size}), trained from scratch on a CPU on real talking faces: "
             "it follows the photo's layout and colours, not yet its face or the voice (see its model card)."
@@ -212,5 +246,8 @@ def describe_model(pipe: EmoPipeline, model_path: str | os.PathLike) -> dict:
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).removeprefix("torch."),
         "embedded": embedded,
+        "hallo": hallo,
+        "speed_layers": pipe.has_speed_layers,
+        "region_audio": pipe.has_region_audio,
         "summary": summary,
     }

@@ -3,7 +3,8 @@
 `build_demo(pipe, model_info)` builds the page; `app.py` loads the model and launches it with `THEME` and
 `CSS` (Gradio 6 takes them in `launch()`). One generation runs at a time: the queue's concurrency limit is 1,
 and a lock makes a cancelled run (which stops after its current denoising step) finish before the next starts,
-so two users never hold the model's memory at once.
+so two users never hold the model's memory at once. The Advanced controls follow what `model_info` says the model
+reads: the head speed only with speed layers, the pose/face/lip weights only with Hallo's region audio modules.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ PRESET_INFO = (
     "quality: 40 DDIM steps · balanced: 20 DPM-Solver++ steps · fast: 10 steps, guidance on the first 5."
 )
 NO_AUDIO_YET = "Add a voice to see how long the video will be."
+REGION_WEIGHT_SLIDERS = (  # Hallo's models: the weights of its full/face/lip audio branches
+    ("Pose weight", "How strongly the voice moves the head (0 = off, 1 = as trained)."),
+    ("Face weight", "How strongly the voice drives the expression (0 = off, 1 = as trained)."),
+    ("Lip weight", "How strongly the voice drives the lips (0 = off, 1 = as trained)."),
+)
 
 FULL_SIZE_HOWTO = """\
 **Load a full-size model:** start the app with `python app.py --model <folder or Hugging Face hub id>`, or set
@@ -69,6 +75,8 @@ def model_markdown(info: dict) -> str:
     )
     if info["embedded"]:  # the summary of another model repeats the line above
         text += info["summary"] + "\n\n" + SMALL_MODEL_NOTE.format(resolution=info["resolution"]) + "\n"
+    elif info.get("hallo"):  # what the weights are, their licences, the GPU they need
+        text += info["summary"] + "\n\n"
     return text + FULL_SIZE_HOWTO
 
 
@@ -102,17 +110,25 @@ def build_demo(
     cancel_flags: dict[str, threading.Event] = {}  # session -> the flag its running generation watches
     progress_tracker = gr.Progress()
 
+    region_audio = bool(model_info.get("region_audio"))  # Hallo's models: pose/face/lip weights
+    speed_layers = bool(model_info.get("speed_layers", True))  # EMO's models: head speed
+
     def settings_from(
-        steps, guidance, head_speed, seed, random_seed, paste_back, max_length, preset=MODEL_PRESET
-    ) -> GenerationSettings:
+        steps, guidance, head_speed, seed, random_seed, paste_back, max_length, preset=MODEL_PRESET,
+        pose_weight=1.0, face_weight=1.0, lip_weight=1.0,
+    ) -> GenerationSettings:  # fmt: skip
+        weights = dict(
+            pose_weight=float(pose_weight), face_weight=float(face_weight), lip_weight=float(lip_weight)
+        )
         return GenerationSettings(
             preset=None if preset in (None, MODEL_PRESET) else preset,
             steps=int(steps),
             guidance_scale=float(guidance),
-            head_speed=float(head_speed),
+            head_speed=float(head_speed) if speed_layers else None,
             seed=None if random_seed else int(seed),
             paste_back=bool(paste_back),
             max_duration=float(max_length),
+            **(weights if region_audio else {}),
         )
 
     def preset_steps(name: str) -> int:
@@ -135,7 +151,8 @@ def build_demo(
     @run_on_device
     def run(
         image, audio, steps, guidance, head_speed, seed, random_seed, paste_back, max_length,
-        preset=MODEL_PRESET, request: gr.Request = None, progress=progress_tracker,
+        preset=MODEL_PRESET, pose_weight=1.0, face_weight=1.0, lip_weight=1.0,
+        request: gr.Request = None, progress=progress_tracker,
     ):  # fmt: skip
         if image is None:
             raise gr.Error(
@@ -151,8 +168,9 @@ def build_demo(
         cancel = cancel_flags[request.session_hash] = threading.Event()
         try:
             settings = settings_from(
-                steps, guidance, head_speed, seed, random_seed, paste_back, max_length, preset
-            ).with_model_defaults(pipe.resolved_defaults())
+                steps, guidance, head_speed, seed, random_seed, paste_back, max_length, preset,
+                pose_weight, face_weight, lip_weight,
+            ).with_model_defaults(pipe.resolved_defaults())  # fmt: skip
             plan = estimate(pipe, audio, settings)
             progress(0, desc=f"Starting: {estimate_markdown(plan, settings.steps).replace('**', '')}")
             with model_lock:
@@ -215,7 +233,12 @@ def build_demo(
                     guidance = gr.Slider(1, 10, value=defaults.guidance_scale, step=0.5, label="Audio guidance",
                                          info="How strongly the face follows the voice (1 = off).")  # fmt: skip
                     head_speed = gr.Slider(0, 2, value=defaults.head_speed, step=0.05, label="Head speed",
-                                           info="Degrees per frame: 0.1-1 for speech, 1-1.3 for singing.")  # fmt: skip
+                                           info="Degrees per frame: 0.1-1 for speech, 1-1.3 for singing.",
+                                           visible=speed_layers)  # fmt: skip
+                    region_weights = [
+                        gr.Slider(0, 2, value=1.0, step=0.05, label=label, info=info, visible=region_audio)
+                        for label, info in REGION_WEIGHT_SLIDERS
+                    ]
                     with gr.Row():
                         seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
                         random_seed = gr.Checkbox(value=defaults.seed is None, label="Random seed")
@@ -233,9 +256,10 @@ def build_demo(
               api_visibility="private")  # fmt: skip
         preset.change(preset_steps, preset, steps, queue=False, show_progress="hidden",
                       api_visibility="private")  # fmt: skip
+        controls = [steps, guidance, head_speed, seed, random_seed, paste_back, max_length, preset]
         generation = generate_button.click(
             run,
-            [image, audio, steps, guidance, head_speed, seed, random_seed, paste_back, max_length, preset],
+            [image, audio, *controls, *region_weights],
             [video, result],
             api_name="generate",
             show_progress_on=video,

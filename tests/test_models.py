@@ -79,6 +79,9 @@ def test_describe_model_counts_parameters_and_flags_the_embedded_model(model_dir
         "device": "cpu",
         "dtype": "float32",
         "embedded": False,
+        "hallo": False,
+        "speed_layers": True,
+        "region_audio": False,
         "summary": None,
     }
     monkeypatch.setattr(models, "EMBEDDED_MODEL_DIR", model_dir)

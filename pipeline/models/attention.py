@@ -215,9 +215,9 @@ class SpatialTransformerBlock(nn.Module):
         plain = [i for i, use in enumerate(used) if not use]
         out = torch.empty_like(rows)
         if with_ref:
-            out[with_ref] = self.attn1(rows[with_ref].flatten(0, 1), extra=reference, extra_index=index).unflatten(
-                0, (len(with_ref), -1)
-            )
+            out[with_ref] = self.attn1(
+                rows[with_ref].flatten(0, 1), extra=reference, extra_index=index
+            ).unflatten(0, (len(with_ref), -1))
         out[plain] = self.attn1(rows[plain].flatten(0, 1)).unflatten(0, (len(plain), -1))
         return out.flatten(0, 1)
 
