@@ -19,13 +19,16 @@ import yaml
 # parameter-name patterns over "<component>.<parameter name>": (include, exclude or None)
 PARAMETER_GROUPS: dict[str, tuple[str, str | None]] = {
     # the backbone's 2D layers (SD 1.5 structure + reference-attention), not its temporal or audio layers
-    "backbone": (r"^denoising_unet\.", r"\.motion_modules\.|\.audio_attention\."),
+    # (`audio_attention`: EMO's, inside the spatial transformers; `audio_modules`: Hallo's, after them)
+    "backbone": (r"^denoising_unet\.", r"\.motion_modules\.|\.audio_attention\.|\.audio_modules\."),
     "reference_net": (r"^reference_net\.", None),
     "face_locator": (r"^face_locator\.", None),
     # AnimateDiff motion modules, without the speed cross-attention inside them
     "temporal": (r"^denoising_unet\..*\.motion_modules\.", r"\.(attn_speed|norm_speed)\."),
-    "audio": (r"^denoising_unet\..*\.audio_attention\.|^audio_projection\.", None),
+    "audio": (r"^denoising_unet\..*\.(audio_attention|audio_modules)\.|^audio_projection\.", None),
     "speed": (r"^denoising_unet\..*\.(attn_speed|norm_speed)\.|^speed_encoder\.", None),
+    # face embedding -> identity tokens (models with an identity projection: converted Hallo models)
+    "identity": (r"^identity_projection\.", None),
 }
 
 
@@ -135,11 +138,16 @@ class CheckpointConfig:
 
 @dataclass
 class ValidationConfig:
-    """A validation video every `every` steps (0: never): fixed portrait, audio (first max_seconds), seed."""
+    """A validation video every `every` steps (0: never): fixed portrait, audio (first max_seconds), seed.
+
+    face_embedding: models with identity tokens (converted Hallo models): a .npy file with the portrait's
+    512-d face embedding; None gives the null identity (a zero embedding), as training without embeddings.
+    """
 
     every: int = 0
     image: str | None = None
     audio: str | None = None
+    face_embedding: str | None = None
     max_seconds: float = 2.0
     num_inference_steps: int = 20
     guidance_scale: float = 3.5

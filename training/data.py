@@ -7,6 +7,8 @@ One class serves all stages; what a sample holds follows from `num_frames` (f) a
   of the same clip outside them when the clip allows it, the union face mask of the n + f frames, the
   wav2vec2 features and head speeds of the f frames with `audio_margin` / `speed_margin` frames of context
   on both sides (edges repeated at the video's ends, as the pipeline does), for the m = 2 windows.
+- any stage, when every video folder holds a `face_embedding.npy` (512-d, written by
+  `training.face_embeddings`): the video's face embedding, for models with identity tokens (Hallo's).
 
 Randomness is a pure function of (seed, sample id): `EpochSampler` yields ids `epoch * len + index`, so a
 sample is the same in every run, in any DataLoader worker, and after a resume.
@@ -41,6 +43,10 @@ class ClipInfo:
     speeds: np.ndarray  # (num_frames,) head rotation speed, degrees/frame
     video_frames: int  # frames of the whole video
     wav2vec: Path | None  # (video_frames, layers, dim) features of the whole video
+    face_embedding: Path | None = None  # (512,) face-recognition embedding of the video's speaker
+
+
+FACE_EMBEDDING_FILE = "face_embedding.npy"  # in a prepared video folder (see `training.face_embeddings`)
 
 
 def read_clips(root: str | Path) -> list[ClipInfo]:
@@ -56,6 +62,7 @@ def read_clips(root: str | Path) -> list[ClipInfo]:
         folder = root / "videos" / video["name"]
         meta = json.loads((folder / "meta.json").read_text())
         wav2vec = folder / meta["wav2vec"]["file"] if meta["wav2vec"] else None
+        embedding = folder / FACE_EMBEDDING_FILE
         for clip in meta["clips"]:
             clips.append(
                 ClipInfo(
@@ -69,6 +76,7 @@ def read_clips(root: str | Path) -> list[ClipInfo]:
                     speeds=np.asarray(clip["speeds"], np.float32),
                     video_frames=meta["num_frames"],
                     wav2vec=wav2vec,
+                    face_embedding=embedding if embedding.is_file() else None,
                 )
             )
     return clips
@@ -116,7 +124,8 @@ class EmoDataset(Dataset):
     pixel_values (n + f, 3, R, R) in [-1, 1]; reference (3, R, R) in [-1, 1]; face_mask (1, R, R) of 0/1;
     mouth_mask (1, R, R) of 0/1 (`mouth_mask` of the union face box, for a mouth-weighted loss);
     and when `with_audio`: audio_features (f + 2 audio_margin, layers, dim), speeds (f + 2 speed_margin,)
-    in degrees/frame. R = `resolution` (prepared frames are resized when it differs).
+    in degrees/frame; when every clip's video has one: face_embedding (512,) float32 (`has_face_embeddings`).
+    R = `resolution` (prepared frames are resized when it differs).
     """
 
     def __init__(
@@ -150,6 +159,14 @@ class EmoDataset(Dataset):
             raise ValueError(
                 f"{root} has no cached wav2vec2 features: prepare with --wav2vec, or compute them"
             )
+        with_embedding = [c.face_embedding is not None for c in self.clips]
+        if any(with_embedding) and not all(with_embedding):
+            missing = sorted({c.video for c in self.clips if c.face_embedding is None})
+            raise ValueError(
+                f"{len(missing)} videos have no {FACE_EMBEDDING_FILE} (e.g. {missing[0]}) while others have: "
+                "run `python -m training.face_embeddings` on the data (all videos or none)"
+            )
+        self.has_face_embeddings = all(with_embedding)
         self.samples_per_clip = samples_per_clip
 
     def __len__(self) -> int:
@@ -186,6 +203,10 @@ class EmoDataset(Dataset):
             "face_mask": torch.from_numpy(mask)[None],
             "mouth_mask": torch.from_numpy(mouth_mask(box, self.resolution))[None],
         }
+        if self.has_face_embeddings:
+            sample["face_embedding"] = torch.from_numpy(
+                np.load(clip.face_embedding).astype(np.float32).reshape(-1)
+            )
         if self.with_audio:
             first = clip.start + start + self.num_motion_frames  # the f frames' first index in the video
             rows = np.clip(

@@ -13,6 +13,14 @@ A step (v-prediction on DDPM noise of the pipeline's zero-terminal-SNR schedule)
    stage 3 also head speeds -> speed encoder; face mask -> face locator;
 4. backbone on the noisy latents of the f target frames -> MSE to the velocity target.
 
+Converted Hallo models (`pipeline.hallo`) run through the same step, with what their configs ask for:
+identity tokens (the projected face embedding of the sample's video, or of zeros when the data has none),
+ReferenceNet tokens joined to self-attention ("concat": a sample whose reference is dropped runs plain
+self-attention with the null identity, as the pipeline's unconditional branch), motion frames read from the
+ReferenceNet's attention tokens, region masks (full/face/lip) for the audio modules made from the face and
+mouth boxes, audio features computed Hallo's way. Stage 3 on a model without speed layers adds them
+(`add_speed_layers`: zero output, so training starts from the model's own prediction).
+
 All networks that the step runs are members of ONE `nn.Module` (`EmoTrainingModel`, as DeepSpeed needs);
 frozen ones keep `requires_grad=False`. Checkpoints (`accelerator.save_state` + the trainer's own state:
 step, epoch, batch position, noise RNG) are written under a temporary name and renamed, so a crash while
@@ -24,6 +32,7 @@ The stage ends by exporting an EmoPipeline folder to `output_dir/pipeline` (the 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -38,25 +47,41 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from pipeline import EmoPipeline, build_pipeline, load_motion_module
+from pipeline import EmoPipeline, EmoUNet3DModel, SpeedEncoder, build_pipeline, load_motion_module
 
 from .config import Config, load_config, parameter_matcher
 from .data import EmoDataset, EpochSampler, read_clips
 
 logger = logging.getLogger("training.train")
 
-COMPONENTS = ("reference_net", "denoising_unet", "face_locator", "audio_projection", "speed_encoder")
+COMPONENTS = (
+    "reference_net",
+    "denoising_unet",
+    "face_locator",
+    "audio_projection",
+    "speed_encoder",
+    "identity_projection",  # None in EMO-native models
+)
+SPEED_LAYER = (".attn_speed.", ".norm_speed.")  # parameter names of the speed layers in the backbone
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
 # ------------------------------------------------------------------------------------------------ model
 class EmoTrainingModel(nn.Module):
-    """The networks of a training step, as one module: (latents, conditions) -> the backbone's prediction."""
+    """The networks of a training step, as one module: (latents, conditions) -> the backbone's prediction.
+
+    The null conditions follow the pipeline's behaviour (`pipeline.behaviour`): a dropped motion condition
+    is zero features, or (first_motion_frames "reference", Hallo) the reference image as motion frames;
+    under joint guidance (Hallo) a dropped reference also drops the face-locator features.
+    """
 
     def __init__(self, pipe: EmoPipeline):
         super().__init__()
         for name in COMPONENTS:
             setattr(self, name, getattr(pipe, name))
+        behaviour = pipe.behaviour
+        self.null_motion_is_reference = behaviour.first_motion_frames == "reference"
+        self.joint_guidance = behaviour.guidance == "joint"
 
     def forward(
         self,
@@ -68,27 +93,63 @@ class EmoTrainingModel(nn.Module):
         audio_features: torch.Tensor | None,
         speeds: torch.Tensor | None,
         keep: dict[str, torch.Tensor],
+        face_embedding: torch.Tensor | None = None,
+        region_masks: dict[tuple[int, int], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """noisy: (b, 4, f, h, w); reference_latents (b, 4, h, w); motion_latents (b, n, 4, h, w) or None;
         face_mask (b, 1, H, W); audio_features (b, f + 2m, layers, dim) or None; speeds (b, f + 2m) deg/frame
         or None; keep: per-sample 1/0 (b,) for "reference", "audio", "motion".
+        Models with identity tokens: face_embedding (b, 512) or None (the null identity, a zero embedding);
+        models with region audio modules: region_masks {(h, w): (b, h*w, 3)} at every level.
         Returns the prediction (b, 4, f, h, w)."""
         b = noisy.shape[0]
+        unet = self.denoising_unet
+        concat = unet.config.reference_attention == "concat"
+        # 0. Identity tokens (b, k, d): a sample without reference gets the null identity, as in guidance
+        identity = None
+        if self.identity_projection is not None:
+            if face_embedding is None:
+                face_embedding = reference_latents.new_zeros(b, self.identity_projection.config.embedding_dim)
+            identity = self.identity_projection(face_embedding * _expand(keep["reference"], face_embedding))
         # 1. ReferenceNet once for the reference and the motion frames
+        if motion_latents is not None and self.null_motion_is_reference:
+            dropped = _expand(keep["motion"], motion_latents) == 0
+            motion_latents = torch.where(dropped, reference_latents[:, None], motion_latents)
         inputs = (
             reference_latents
             if motion_latents is None
             else torch.cat([reference_latents, motion_latents.flatten(0, 1)])
         )
-        out = self.reference_net(inputs)
-        reference_tokens = {k: v[:b] * _expand(keep["reference"], v) for k, v in out.reference_tokens.items()}
+        if identity is None:
+            out = self.reference_net(inputs)
+        else:  # rows: the b references, then each sample's n motion frames with that sample's identity
+            n = 0 if motion_latents is None else motion_latents.shape[1]
+            out = self.reference_net(
+                inputs, identity_tokens=torch.cat([identity, identity.repeat_interleave(n, dim=0)])
+            )
+        backbone_inputs = {}
+        if concat:  # only the samples that keep their reference attend to its tokens
+            used = [bool(k) for k in keep["reference"].tolist()]
+            rows = [i for i, use in enumerate(used) if use]
+            reference_tokens = {k: v[:b][rows] for k, v in out.reference_tokens.items()} if rows else None
+            backbone_inputs["reference_used"] = used
+        else:
+            reference_tokens = {
+                k: v[:b] * _expand(keep["reference"], v) for k, v in out.reference_tokens.items()
+            }
         motion_features = None
         if motion_latents is not None:
             n = motion_latents.shape[1]
-            motion_features = {
-                k: v[b:].unflatten(0, (b, n)) * _expand(keep["motion"], v[b:].unflatten(0, (b, n)))
-                for k, v in out.motion_features.items()
-            }
+            from_attention = unet.config.motion_frame_features == "attention"
+            source = out.reference_tokens if from_attention else out.motion_features  # (b + b n, ...)
+            motion_features = {}
+            for k, v in source.items():
+                rows_of_motion = v[b:].unflatten(0, (b, n))
+                motion_features[k] = (
+                    rows_of_motion
+                    if self.null_motion_is_reference
+                    else rows_of_motion * _expand(keep["motion"], rows_of_motion)
+                )
         # 2. Audio tokens of the f frames (the projection's m-frame windows see the context frames)
         audio_tokens = None
         if audio_features is not None:
@@ -100,15 +161,23 @@ class EmoTrainingModel(nn.Module):
             m = self.speed_encoder.config.window
             speed_tokens = self.speed_encoder(speeds)
             speed_tokens = speed_tokens[:, m : speed_tokens.shape[1] - m]
+        face_features = self.face_locator(face_mask)
+        if self.joint_guidance:  # the joint unconditional branch has no face-locator features either
+            face_features = face_features * _expand(keep["reference"], face_features)
+        if identity is not None:
+            backbone_inputs["identity_tokens"] = identity
+        if region_masks is not None:
+            backbone_inputs["region_masks"] = region_masks
         # 3. Backbone
-        return self.denoising_unet(
+        return unet(
             noisy,
             timesteps,
             reference_tokens=reference_tokens,
             motion_features=motion_features,
             audio_tokens=audio_tokens,
             speed_tokens=speed_tokens,
-            face_features=self.face_locator(face_mask),
+            face_features=face_features,
+            **backbone_inputs,
         ).sample
 
 
@@ -159,6 +228,55 @@ def load_initial_pipeline(config: Config) -> EmoPipeline:
     return pipe
 
 
+def add_speed_layers(pipe: EmoPipeline) -> list[str]:
+    """Give a pipeline without speed layers (a converted Hallo model) EMO's: a backbone of the same config
+    plus `speed_dim`, holding the old weights, and a fresh `SpeedEncoder`. Returns the added backbone
+    parameter names.
+
+    speed_dim: the backbone's own if it has one, else the speed encoder's output size if there is an encoder,
+    else EMO's default (`EmoUNet3DModel`'s). The speed cross-attention's output projection starts at zero
+    (as in EMO-native models), so the new backbone predicts exactly what the old one did.
+    """
+    old = pipe.denoising_unet
+    speed_dim = old.config.speed_dim
+    if speed_dim is None:
+        speed_dim = (
+            pipe.speed_encoder.config.output_dim
+            if pipe.speed_encoder is not None
+            else inspect.signature(EmoUNet3DModel.__init__).parameters["speed_dim"].default
+        )
+    added: list[str] = []
+    if old.config.speed_dim is None:
+        new = EmoUNet3DModel.from_config(old.config, speed_dim=speed_dim)
+        result = new.load_state_dict(old.state_dict(), strict=False)
+        wrong = [k for k in result.missing_keys if not any(part in k for part in SPEED_LAYER)]
+        if wrong or result.unexpected_keys:
+            raise RuntimeError(
+                f"adding speed layers: the old backbone's weights do not fit the new one (missing {wrong[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]})"
+            )
+        added = list(result.missing_keys)
+        nn.Module.to(new, device=old.device, dtype=old.dtype)  # nn.Module's: no diffusers cast warning
+        pipe.register_modules(denoising_unet=new)
+        logger.info(
+            "stage 3: the backbone had no speed layers; added %d tensors (%.3fM parameters) of speed "
+            "cross-attention (speed_dim %d) to its temporal modules, zero output at the start",
+            len(added),
+            sum(new.state_dict()[k].numel() for k in added) / 1e6,
+            speed_dim,
+        )
+    if pipe.speed_encoder is None:
+        encoder = nn.Module.to(SpeedEncoder(output_dim=speed_dim), device=old.device, dtype=old.dtype)
+        pipe.register_modules(speed_encoder=encoder)
+        logger.info(
+            "stage 3: added a SpeedEncoder (%.3fM parameters, %d buckets, window %d)",
+            sum(p.numel() for p in encoder.parameters()) / 1e6,
+            len(encoder.config.centers),
+            encoder.config.window,
+        )
+    return added
+
+
 def select_trainable(model: EmoTrainingModel, entries: list[str]) -> list[nn.Parameter]:
     """Set requires_grad by the config's patterns; return the trainable parameters (in a fixed order)."""
     matches = parameter_matcher(entries)
@@ -172,11 +290,26 @@ def select_trainable(model: EmoTrainingModel, entries: list[str]) -> list[nn.Par
     return params
 
 
-def compute_audio_features(pipe: EmoPipeline, data_root: str, out_dir: Path, fps: float) -> None:
-    """wav2vec2 features of every prepared video with the pipeline's own encoder -> out_dir/<video>.npy."""
-    from pipeline.audio import load_audio
+def video_audio_features(pipe: EmoPipeline, waveform: np.ndarray, num_frames: int, fps: float) -> np.ndarray:
+    """A whole video's 16 kHz waveform -> (num_frames, layers + 1, hidden) float32 features, all hidden
+    states, computed as the pipeline computes them for this model (`behaviour.audio_features`): EMO's
+    resampled wav2vec2 states, or Hallo's (CNN features at the frame rate before the transformer)."""
+    from pipeline.audio_features import hallo_frame_features
 
     from .prepare import audio_frame_features
+
+    if pipe.behaviour.audio_features == "hallo":
+        layers = pipe.audio_encoder.config.num_hidden_layers + 1
+        return hallo_frame_features(
+            pipe.audio_encoder, pipe.feature_extractor, waveform, num_frames, num_frames, fps, layers
+        ).numpy()
+    return audio_frame_features(waveform, num_frames, fps, pipe.audio_encoder, pipe.feature_extractor)
+
+
+def compute_audio_features(pipe: EmoPipeline, data_root: str, out_dir: Path, fps: float) -> None:
+    """Audio features of every prepared video with the pipeline's own encoder, the pipeline's way
+    (`video_audio_features`) -> out_dir/<video>.npy."""
+    from pipeline.audio import load_audio
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for video in sorted({c.video for c in read_clips(data_root)}):
@@ -186,16 +319,20 @@ def compute_audio_features(pipe: EmoPipeline, data_root: str, out_dir: Path, fps
         folder = Path(data_root) / "videos" / video
         meta = json.loads((folder / "meta.json").read_text())
         waveform = load_audio(folder / meta["audio"]["file"], sampling_rate=16_000, mono=True).mono
-        features = audio_frame_features(
-            waveform, meta["num_frames"], fps, pipe.audio_encoder, pipe.feature_extractor
-        )
+        features = video_audio_features(pipe, waveform, meta["num_frames"], fps)
         np.save(out_dir / f".{video}.tmp.npy", features)
         os.replace(out_dir / f".{video}.tmp.npy", target)
 
 
 def make_dataset(config: Config, pipe: EmoPipeline, audio_features_dir: Path | None) -> EmoDataset:
     data = config.data
-    return EmoDataset(
+    if config.stage > 1 and audio_features_dir is None and pipe.behaviour.audio_features != "emo":
+        raise ValueError(
+            f"this model computes its audio features its own way (behaviour.audio_features="
+            f"{pipe.behaviour.audio_features!r}), not as `prepare --wav2vec` caches them: "
+            "set data.audio_features: compute"
+        )
+    dataset = EmoDataset(
         data.root,
         data.resolution,
         num_frames=data.num_frames,
@@ -203,12 +340,18 @@ def make_dataset(config: Config, pipe: EmoPipeline, audio_features_dir: Path | N
         with_audio=config.stage > 1,
         audio_layers=pipe.audio_projection.config.num_layers,
         audio_margin=pipe.audio_projection.config.window,
-        speed_margin=pipe.speed_encoder.config.window,
+        speed_margin=pipe.speed_encoder.config.window if pipe.speed_encoder is not None else 0,
         mask_expand=data.mask_expand,
         samples_per_clip=data.samples_per_clip,
         audio_features_dir=audio_features_dir,
         seed=config.train.seed,
     )
+    if pipe.identity_projection is not None and not dataset.has_face_embeddings:
+        logger.warning(
+            "the model has identity tokens but the data has no face embeddings: every sample gets the null "
+            "identity (a zero embedding); run `python -m training.face_embeddings` for per-video identities"
+        )
+    return dataset
 
 
 def make_optimizer(config: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -266,6 +409,15 @@ def training_loss(
         for name, p in (("reference", drop.reference), ("audio", drop.audio), ("motion", drop.motion))
     }
 
+    conditions = {}
+    if pipe.identity_projection is not None and "face_embedding" in batch:
+        conditions["face_embedding"] = batch["face_embedding"].to(device)
+    if pipe.has_region_audio:
+        levels = len(pipe.denoising_unet.config.block_out_channels)
+        h, w = target_latents.shape[-2:]
+        sizes = [(h // 2**i, w // 2**i) for i in range(levels)]
+        masks = region_masks(batch["face_mask"], batch["mouth_mask"], sizes)
+        conditions["region_masks"] = {size: mask.to(device) for size, mask in masks.items()}
     pred = model(
         noisy,
         timesteps,
@@ -275,6 +427,7 @@ def training_loss(
         batch.get("audio_features") if config.stage > 1 else None,
         batch.get("speeds") if config.stage == 3 else None,
         keep,
+        **conditions,
     )
     error = (pred.float() - target.float()) ** 2
     if config.train.mouth_weight and "mouth_mask" in batch:
@@ -283,6 +436,27 @@ def training_loss(
         weight = 1.0 + config.train.mouth_weight * mouth[:, :, None]  # (b, 1, 1, h, w)
         return (error * weight).mean() / weight.mean()
     return error.mean()
+
+
+def region_masks(
+    face_mask: torch.Tensor, mouth_mask: torch.Tensor, sizes: list[tuple[int, int]]
+) -> dict[tuple[int, int], torch.Tensor]:
+    """Region weights of the audio modules (Hallo) from a batch's face and mouth boxes.
+
+    face_mask, mouth_mask: (b, 1, H, W) of 0/1 (the dataset's). Each box is made soft as Hallo's inference
+    makes its landmark boxes (`pipeline.regions.blur_region`: 64 x 64, Gaussian blur, min-max stretch), then
+    full = 1 - face, face = face - lip (clipped at 0), lip = the mouth (`split_regions`), and each is resized
+    to every level (`level_masks`). Returns {(h, w): (b, h*w, 3)} float32, last axis full/face/lip.
+    """
+    from pipeline.regions import FACE_BLUR_KERNEL, LIP_BLUR_KERNEL, blur_region, level_masks, split_regions
+
+    per_sample = []
+    for face, mouth in zip(face_mask[:, 0].cpu().numpy(), mouth_mask[:, 0].cpu().numpy(), strict=True):
+        soft_face = blur_region((face > 0.5).astype(np.uint8) * 255, FACE_BLUR_KERNEL)
+        soft_lip = blur_region((mouth > 0.5).astype(np.uint8) * 255, LIP_BLUR_KERNEL)
+        full, face_only, lip = split_regions(soft_face, soft_lip)
+        per_sample.append(level_masks({"full": full, "face": face_only, "lip": lip}, sizes))
+    return {size: torch.cat([levels[size] for levels in per_sample]) for size in sizes}
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -363,10 +537,19 @@ def run_validation(pipe: EmoPipeline, config: Config, step: int, accelerator) ->
     image = Image.open(v.image).convert("RGB").resize((resolution, resolution), Image.BICUBIC)
     pipe.set_progress_bar_config(disable=True)
     clip_length = max(config.data.num_frames, 1) if config.stage > 1 else 12
+    identity = {}
+    if pipe.identity_projection is not None:  # no embedding given: the null identity, not insightface
+        dim = pipe.identity_projection.config.embedding_dim
+        identity["face_embedding"] = (
+            np.load(v.face_embedding).astype(np.float32).reshape(-1)
+            if v.face_embedding
+            else np.zeros(dim, np.float32)
+        )
     output = pipe(
         image,
         audio,
         sampling_rate=16_000,
+        **identity,
         head_speed=v.head_speed,
         num_inference_steps=v.num_inference_steps,
         guidance_scale=v.guidance_scale,
@@ -406,6 +589,12 @@ def export_pipeline(pipe: EmoPipeline, config: Config) -> Path:
 def build_training_model(config: Config, device) -> tuple[EmoPipeline, EmoTrainingModel, list[nn.Parameter]]:
     """The stage's initial pipeline on `device`, its trainable wrapper and the parameters that train."""
     pipe = load_initial_pipeline(config)
+    if config.stage == 3 and not pipe.has_speed_layers:
+        add_speed_layers(pipe)
+    for name, component in pipe.components.items():  # e.g. a Hallo model converted in fp16
+        if isinstance(component, nn.Module) and any(p.dtype != torch.float32 for p in component.parameters()):
+            logger.info("%s: weights cast to float32 for training", name)
+            nn.Module.to(component, torch.float32)
     pipe.vae.requires_grad_(False)
     pipe.audio_encoder.requires_grad_(False)
     pipe.to(device)

@@ -95,7 +95,11 @@ class RegionAudioModule(nn.Module):
             raise ValueError(f"region-masked audio attention needs `region_masks` at {h}x{w} tokens")
         masks = cond.region_masks[(h, w)]
         masks = masks.to(x.dtype).repeat_interleave(x.shape[0] // masks.shape[0], dim=0)
-        y = rearrange(self.proj_in(self.norm(x)), "n c h w -> n (h w) c")
+        # training only: torch 2.13's CPU backward of GroupNorm crashes on a channels-last input that needs no
+        # gradient (audio modules training after frozen layers); inference keeps the input as it is
+        y = rearrange(
+            self.proj_in(self.norm(x.contiguous() if torch.is_grad_enabled() else x)), "n c h w -> n (h w) c"
+        )
         for block in self.transformer_blocks:
             y = block(y, cond.audio.to(x.dtype), masks, cond.region_weights, (h, w))
         return self.proj_out(rearrange(y, "n (h w) c -> n c h w", h=h, w=w)) + x

@@ -120,9 +120,10 @@ class TemporalTransformer(nn.Module):
         # when the norm trains but its input needs no gradient (stage 3: temporal layers after frozen ones)
         if self.norm_per_frame:
             t = y.shape[2]
-            normed = rearrange(
-                self.norm(rearrange(y, "b c t h w -> (b t) c h w")), "(b t) c h w -> b c t h w", t=t
-            )
+            frames = rearrange(y, "b c t h w -> (b t) c h w")
+            if torch.is_grad_enabled():  # the same crash (training only: inference keeps its kernel)
+                frames = frames.contiguous()
+            normed = rearrange(self.norm(frames), "(b t) c h w -> b c t h w", t=t)
         else:
             normed = self.norm(y.contiguous())
         y = self.proj_in(rearrange(normed, "b c t h w -> (b h w) t c"))
