@@ -35,6 +35,9 @@ class Behaviour:
     # (with the interleave) the clip's frames read the reference features of the unconditional and the
     # conditional ReferenceNet rows in turn, even frames the former: Hallo's feature bank tiled over frames
     reference_frames_alternate: bool = False
+    # the [reference, motion frames] pixels of a clip are normalised to [-1, 1] a second time when none of them
+    # is negative (an all-bright portrait): Hallo's VaeImageProcessor skips normalising only on negative input
+    renormalise_bright_batch: bool = False
 
     CHOICES = {
         "audio_features": ("emo", "hallo"),

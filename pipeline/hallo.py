@@ -55,6 +55,7 @@ HALLO_BEHAVIOUR = Behaviour(
     reference_identity_interleave=True,  # [ref, m1, m2] x 2 rows with identity tokens [u, c, u, c, u, c]
     reference_fp16=True,  # the reference bank is copied with .to(float16) whatever the weights' dtype
     reference_frames_alternate=True,  # frame i reads the bank row of the ref with null (even i) / cond identity
+    renormalise_bright_batch=True,  # [ref, motion] pixels with no negative value: normalised twice (2x - 1)
 )
 HALLO_GENERATION_DEFAULTS = dict(
     num_inference_steps=40,

@@ -744,6 +744,9 @@ class EmoPipeline(DiffusionPipeline):
         behaviour = self.behaviour
         rerun_reference = identity is not None and behaviour.reference_identity_interleave
         motion_latents = None
+        clip_reference_latents = (
+            reference_latents  # the clip's ReferenceNet input (see renormalise_bright_batch)
+        )
         reference_tokens = None
         kept: list[np.ndarray] = []
         with (
@@ -754,12 +757,14 @@ class EmoPipeline(DiffusionPipeline):
                 progress_bar.set_description(f"clip {clip + 1}/{num_clips}")
                 # 5a. ReferenceNet, once per clip: the reference (first clip) and the n motion frames
                 if clip == 0 and num_motion_frames and behaviour.first_motion_frames == "reference":
-                    motion_latents = reference_latents.expand(num_motion_frames, -1, -1, -1)
+                    if behaviour.renormalise_bright_batch and image.min() >= 0:
+                        clip_reference_latents = self.encode_image(image * 2.0 - 1.0)
+                    motion_latents = clip_reference_latents.expand(num_motion_frames, -1, -1, -1)
                 motion_null = None
                 if clip == 0 or rerun_reference:
                     zero_motion = num_motion_frames if motion_latents is None else 0  # EMO: zero maps
                     reference_tokens, motion, motion_null = self._reference_features(
-                        reference_latents, motion_latents if num_motion_frames else None, identity, True,
+                        clip_reference_latents, motion_latents if num_motion_frames else None, identity, True,
                         zero_motion=zero_motion,
                     )  # fmt: skip
                 elif num_motion_frames:
@@ -816,7 +821,12 @@ class EmoPipeline(DiffusionPipeline):
                 decoded = self.decode_latents(frame_latents)
                 if num_motion_frames and behaviour.motion_frames == "decoded":
                     last = torch.from_numpy(decoded[clip_length - num_motion_frames :]).permute(0, 3, 1, 2)
-                    motion_latents = self.encode_image(last * 2.0 - 1.0).to(reference_latents.dtype)
+                    motion_pixels = last * 2.0 - 1.0
+                    clip_reference_latents = reference_latents
+                    if behaviour.renormalise_bright_batch and min(image.min(), motion_pixels.min()) >= 0:
+                        clip_reference_latents = self.encode_image(image * 2.0 - 1.0)
+                        motion_pixels = motion_pixels * 2.0 - 1.0
+                    motion_latents = self.encode_image(motion_pixels).to(reference_latents.dtype)
                 else:
                     motion_latents = frame_latents[clip_length - num_motion_frames :]
                 frames = decoded[: num_frames - clip * clip_length]

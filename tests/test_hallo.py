@@ -300,3 +300,21 @@ def test_face_mask_arrays_are_resized_as_hallo_resizes_its_mask_png(converted):
     assert 0 < expected[8, 16] < 1  # soft edges, as Hallo's bilinear resize makes them
     for array in (box, box / 255.0, torch.as_tensor(box / 255.0)):
         np.testing.assert_array_equal(pipe.prepare_face_mask(array, None, 64, 64, "cpu"), as_png)
+
+
+def test_an_all_bright_portrait_is_normalised_twice_as_in_hallo(converted):
+    pipe = EmoPipeline.from_pretrained(converted[0])
+    image, audio, masks, box, embedding = _inputs(0.4)  # one clip
+    bright = (128 + image.astype(int) // 2).astype(np.uint8)  # every value >= 128: no negative pixel
+    kwargs = dict(sampling_rate=16000, face_mask=box, face_embedding=embedding, region_masks=masks,
+                  num_inference_steps=2, output_type="np")  # fmt: skip
+    frames = pipe(bright, audio, generator=torch.manual_seed(1), **kwargs).frames
+    # pixel p in [-1, 1] normalised again is 2p - 1, i.e. the 8-bit value 2v - 255
+    darker = (2 * bright.astype(int) - 255).astype(np.uint8)
+    assert darker.min() < 128
+    expected = pipe(darker, audio, generator=torch.manual_seed(1), **kwargs).frames
+    np.testing.assert_allclose(frames, expected, atol=2e-4)  # float rounding of 2p - 1 only
+    behaviour = dict(pipe.config.behaviour)
+    pipe.register_to_config(behaviour={**behaviour, "renormalise_bright_batch": False})
+    plain = pipe(bright, audio, generator=torch.manual_seed(1), **kwargs).frames
+    assert np.abs(plain - frames).max() > 1e-3
