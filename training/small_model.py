@@ -188,7 +188,18 @@ def refined_vae(work: Path, vae_dir: Path, roots: list[Path], steps: int) -> Pat
 
 
 # ------------------------------------------------------------------------------------------------ 5. stages
-def stage_config(stage: int, work: Path, roots: list[Path], steps: int, init: str) -> dict:
+def stage_config(
+    stage: int,
+    work: Path,
+    roots: list[Path],
+    steps: int,
+    init: str,
+    name: str | None = None,
+    mouth_weight: float = 4.0,
+    motion_dropout: float = 0.2,
+    learning_rate: float | None = None,
+) -> dict:
+    """The `training.train` config of one stage; `name` (default "stage<n>") is its folder under `work`."""
     if stage == 1:
         clip = {"num_frames": 1, "num_motion_frames": 0}
         trainable = ["backbone", "reference_net", "face_locator"]
@@ -203,7 +214,7 @@ def stage_config(stage: int, work: Path, roots: list[Path], steps: int, init: st
         batch_size, lr = 4, 2e-4
     return {
         "stage": stage,
-        "output_dir": str(work / f"stage{stage}"),
+        "output_dir": str(work / (name or f"stage{stage}")),
         "init": {"pipeline": init},
         "data": {
             "root": [str(r) for r in roots] if len(roots) > 1 else str(roots[0]),
@@ -215,31 +226,32 @@ def stage_config(stage: int, work: Path, roots: list[Path], steps: int, init: st
         },
         "train": {
             "trainable": trainable,
-            "learning_rate": lr,
+            "learning_rate": learning_rate or lr,
             "lr_warmup_steps": 50,
             "batch_size": batch_size,
             "max_steps": steps,
             "mixed_precision": "no",
             "gradient_checkpointing": False,
             "use_8bit_adam": False,
-            "mouth_weight": 0.0 if stage == 1 else 4.0,
+            "mouth_weight": 0.0 if stage == 1 else mouth_weight,
             "ema": True,
             "ema_decay": 0.995,
             "seed": stage,
-            "condition_dropout": {"reference": 0.05, "audio": 0.1, "motion": 0.2},
+            "condition_dropout": {"reference": 0.05, "audio": 0.1, "motion": motion_dropout},
         },
         "checkpointing": {"every": 100, "keep": 1},
         "log_every": 25,
     }
 
 
-def run_stage(stage: int, work: Path, roots: list[Path], steps: int, init: Path) -> Path:
-    """Train (or resume, or skip when done) one stage -> its exported pipeline folder."""
-    out = work / f"stage{stage}"
+def run_stage(stage: int, work: Path, roots: list[Path], steps: int, init: Path, **options) -> Path:
+    """Train (or resume, or skip when done) one stage -> its exported pipeline folder (`options`: those of
+    `stage_config`)."""
+    out = work / (options.get("name") or f"stage{stage}")
     if (out / "DONE").is_file():
         return out / "pipeline"
     started = time.time()
-    config = config_from_dict(stage_config(stage, work, roots, steps, str(init)))
+    config = config_from_dict(stage_config(stage, work, roots, steps, str(init), **options))
     resume = "latest" if any(out.glob("checkpoint-*")) else None
     result = train(config, resume=resume)
     minutes = (time.time() - started) / 60
@@ -275,6 +287,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--stop-after", choices=["data", "mouth", "vae", "audio", "stage1", "stage2", "stage3"]
     )
+    parser.add_argument(
+        "--continue-from",
+        type=Path,
+        help="a small model made by this command (e.g. assets/models/emo-small): skip vae, audio and stage 1, "
+        "train stage 2 further from it and then stage 3, keep its VAE (folders stage2_continued, stage3_continued)",
+    )
+    parser.add_argument(
+        "--mouth-weight", type=float, default=4.0, help="stages 2-3: extra loss weight of the mouth"
+    )
+    parser.add_argument(
+        "--motion-dropout",
+        type=float,
+        default=0.2,
+        help="stages 2-3: chance of training without motion frames",
+    )
+    parser.add_argument("--learning-rate", type=float, help="stages 2-3 (default 2e-4)")
     parser.add_argument("--workers", type=int, default=2, help="data preparation processes")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -299,6 +327,13 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     measure_clips(clips)
     if done("mouth", started):
+        return
+
+    options = dict(
+        mouth_weight=args.mouth_weight, motion_dropout=args.motion_dropout, learning_rate=args.learning_rate
+    )
+    if args.continue_from is not None:
+        continue_training(args, work, clips, options)
         return
 
     vae_dir = work / "init_vae"
@@ -335,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     for stage, steps in ((1, args.stage1_steps), (2, args.stage2_steps), (3, args.stage3_steps)):
         started = time.time()
         roots = [clips, photos] if stage == 1 else [clips]
-        previous = run_stage(stage, work, roots, steps, previous)
+        previous = run_stage(stage, work, roots, steps, previous, **(options if stage > 1 else {}))
         if done(f"stage{stage}", started):
             return
 
@@ -345,13 +380,35 @@ def main(argv: list[str] | None = None) -> None:
 
     from diffusers import AutoencoderKL
 
-    pipe = EmoPipeline.from_pretrained(previous, vae=AutoencoderKL.from_pretrained(decoder))
+    export(
+        EmoPipeline.from_pretrained(previous, vae=AutoencoderKL.from_pretrained(decoder)), previous, args.out
+    )
+
+
+def export(pipe: EmoPipeline, stage_pipeline: Path, out: Path) -> None:
+    """Write the small model to `out` with its generation defaults and the last stage's training config."""
     pipe.register_generation_defaults(**GENERATION_DEFAULTS)
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    pipe.save_pretrained(args.out)
-    shutil.copy(previous / "training_config.yaml", args.out / "training_config.yaml")
-    logger.info("small model -> %s", args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    pipe.save_pretrained(out)
+    shutil.copy(stage_pipeline / "training_config.yaml", out / "training_config.yaml")
+    logger.info("small model -> %s", out)
+
+
+def continue_training(args, work: Path, clips: Path, options: dict) -> None:
+    """More stage 2 (then stage 3) from a finished small model; its VAE (refined decoder) is kept."""
+    source = args.continue_from.resolve()
+    if not (source / "model_index.json").is_file():
+        raise SystemExit(f"--continue-from {source}: not a model folder (no model_index.json)")
+    previous = source
+    for stage, steps in ((2, args.stage2_steps), (3, args.stage3_steps)):
+        started = time.time()
+        previous = run_stage(stage, work, [clips], steps, previous, name=f"stage{stage}_continued", **options)
+        logger.info("stage%d (continued): %.1f min", stage, (time.time() - started) / 60)
+        if args.stop_after == f"stage{stage}":
+            return
+    # the export stage folders hold the source's VAE (training freezes it): the refined decoder stays
+    export(EmoPipeline.from_pretrained(previous), previous, args.out)
 
 
 if __name__ == "__main__":
