@@ -9,6 +9,9 @@ video is made with the model's own default settings and seed 0. Figures (`pipeli
   real held-out clips (the ceiling of this measure);
 - identity: the 32x32 colour distance of each video's frames to every portrait; "nearest" is the share of
   videos closest to their own portrait, "margin" the mean gap to the nearest other portrait;
+- mouth motion: the spread (standard deviation) of the generated mouth opening over the real clip's, for the
+  held-out clips and for 3 held-out GRID sentences animated from their own first frame (GRID's speaker was
+  seen in training, the sentences were not): lip-sync r can be high while the mouth barely moves;
 - stability: mean frame-to-frame change, generated and real;
 - head speed: measured head rotation (degrees/frame) of one portrait animated at head_speed 0.2 and 1.5;
 - time: seconds per second of video on this machine.
@@ -38,6 +41,7 @@ from pipeline.metrics import (  # noqa: E402
     appearance_distance,
     contact_sheet,
     lipsync_correlation,
+    mouth_opening,
     temporal_change,
 )
 from training.splits import heldout_files  # noqa: E402
@@ -59,6 +63,16 @@ def real_clip(path: Path, seconds: float, size: int) -> tuple[np.ndarray, np.nda
     crops = np.stack([np.asarray(crop_face(f, size=size, box=box).image) for f in frames])
     audio = load_audio(path, sampling_rate=SR, mono=True).mono[: round(seconds * SR)]
     return crops, audio
+
+
+def real_figures(frames: np.ndarray, real: np.ndarray, audio: np.ndarray) -> dict:
+    """Lip-sync and stability of the real clip, and the generated mouth's spread of opening over the real one's."""
+    spread = np.nanstd(mouth_opening(frames)) / np.nanstd(mouth_opening(real))
+    return {
+        "real_lipsync_r": lipsync_correlation(real, audio, SR, 25.0),
+        "real_temporal_change": temporal_change(real),
+        "mouth_motion_ratio": float(spread),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -92,6 +106,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.max_cases:
         cases = cases[: args.max_cases]
+    grid_cases = []  # the GRID speaker (seen in training) saying held-out sentences: mouth motion only
+    for path in heldout_files(args.data, "grid_s1", (".mp4",))[:3]:
+        frames, audio = real_clip(path, args.seconds, size)
+        grid_cases.append((path.stem, frames[0], audio, frames))
     results, videos, seconds_of_video, seconds_spent = [], [], 0.0, 0.0
     for name, portrait, audio, real in cases:
         started = time.time()
@@ -106,11 +124,18 @@ def main(argv: list[str] | None = None) -> dict:
             "temporal_change": temporal_change(frames),
         }
         if real is not None:
-            row["real_lipsync_r"] = lipsync_correlation(real, audio, SR, 25.0)
-            row["real_temporal_change"] = temporal_change(real)
+            row |= real_figures(frames, real, audio)
         results.append(row)
         videos.append(frames)
         print(json.dumps(row), flush=True)
+    grid_results = []
+    for name, portrait, audio, real in grid_cases:
+        frames = pipe(
+            portrait, audio, sampling_rate=SR, output_type="np", generator=torch.manual_seed(0)
+        ).frames
+        row = {"case": name, "lipsync_r": lipsync_correlation(frames, audio, SR, 25.0)}
+        grid_results.append(row | real_figures(frames, real, audio))
+        print(json.dumps(grid_results[-1]), flush=True)
 
     # identity: each video against every portrait
     portraits = [c[1] for c in cases]
@@ -140,8 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
             "temporal_change": temporal_change(frames),
         }
 
-    def mean(key: str) -> float:
-        values = [r[key] for r in results if key in r and np.isfinite(r[key])]
+    def mean(key: str, rows: list[dict] = results) -> float:
+        values = [r[key] for r in rows if key in r and np.isfinite(r[key])]
         return float(np.mean(values)) if values else float("nan")
 
     summary = {
@@ -156,6 +181,10 @@ def main(argv: list[str] | None = None) -> dict:
             np.nanmean([r["lipsync_r"] for r in results if "real_lipsync_r" in r])
         ),
         "real_lipsync_r": mean("real_lipsync_r"),
+        "mouth_motion_ratio": mean("mouth_motion_ratio"),
+        "grid_lipsync_r": mean("lipsync_r", grid_results),
+        "grid_real_lipsync_r": mean("real_lipsync_r", grid_results),
+        "grid_mouth_motion_ratio": mean("mouth_motion_ratio", grid_results),
         "identity_nearest": nearest,
         "identity_margin": margin,
         "temporal_change": mean("temporal_change"),
@@ -163,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         "head_speed": head,
         "seconds_per_second_of_video": seconds_spent / seconds_of_video,
         "per_case": results,
+        "grid_cases": grid_results,
     }
     with open(ROOT / "benchmarks" / "results_eval.jsonl", "a") as f:
         f.write(json.dumps(summary) + "\n")
