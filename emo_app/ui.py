@@ -59,11 +59,11 @@ FULL_SIZE_HOWTO = """\
 """
 
 SMALL_MODEL_NOTE = """\
-- **It can** run the whole EMO pipeline on any computer, offline, about 8 s per second of video on a 2-core
+- **It can** run the whole EMO pipeline on any computer, offline, about 5 s per second of video on a 2-core
   CPU: it follows your photo's framing, background, hair and clothing colours, at {resolution}×{resolution}
-  pixels, and writes an mp4 with your sound.
-- **It cannot** keep the face recognisable (faces come out blurry and generic), and its lips do not yet
-  follow the voice measurably: it was trained for two hours on a CPU. For real quality, load a full-size model.
+  pixels, opens and closes the mouth in time with clear speech, and writes an mp4 with your sound.
+- **It cannot** keep the face recognisable (faces come out blurry and generic), and the mouth moves much less
+  than a real one: it was trained for three hours on a CPU. For real quality, load a full-size model.
 """
 
 
