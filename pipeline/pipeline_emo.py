@@ -12,6 +12,7 @@ embedding (`identity_projection`), region masks for its audio modules, and the p
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -375,8 +376,7 @@ class EmoPipeline(DiffusionPipeline):
         if region_masks is None:
             found = hallo_region_masks(image)
             region_masks = {"full": found.full, "face": found.face, "lip": found.lip}
-        levels = len(self.denoising_unet.config.block_out_channels)
-        sizes = [(latent_size[0] // 2**i, latent_size[1] // 2**i) for i in range(levels)]
+        sizes = self.denoising_unet.token_grids(latent_size)
         return {size: mask.to(device) for size, mask in level_masks(region_masks, sizes).items()}
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
@@ -455,15 +455,11 @@ class EmoPipeline(DiffusionPipeline):
         joint guidance it also loses the face-locator features (Hallo's unconditional branch).
         """
         concat = self.denoising_unet.config.reference_attention == "concat"
-        joint = self.behaviour.guidance == "joint"
-        used = [use_ref for use_ref, _ in selected]
         behaviour = self.behaviour
-        alternate = (
-            concat
-            and behaviour.reference_identity_interleave
-            and behaviour.reference_frames_alternate
-            and conds.identity is not None
-        )
+        joint = behaviour.guidance == "joint"
+        used = [use_ref for use_ref, _ in selected]
+        # (Behaviour checks that the switch comes with the interleave, which makes the two reference rows)
+        alternate = concat and behaviour.reference_frames_alternate and conds.identity is not None
         reference_index = None
         if alternate:  # frame i of each sample with a reference reads row i % 2 ([null, conditional])
             reference = conds.reference if any(used) else None
@@ -744,9 +740,10 @@ class EmoPipeline(DiffusionPipeline):
         behaviour = self.behaviour
         rerun_reference = identity is not None and behaviour.reference_identity_interleave
         motion_latents = None
-        clip_reference_latents = (
-            reference_latents  # the clip's ReferenceNet input (see renormalise_bright_batch)
-        )
+        # the clip's ReferenceNet input: the reference's latents, or (renormalise_bright_batch) those of the
+        # reference normalised twice, encoded once when first needed
+        clip_reference_latents = reference_latents
+        reference_normalised_twice = functools.cache(lambda: self.encode_image(image * 2.0 - 1.0))
         reference_tokens = None
         kept: list[np.ndarray] = []
         with (
@@ -758,7 +755,7 @@ class EmoPipeline(DiffusionPipeline):
                 # 5a. ReferenceNet, once per clip: the reference (first clip) and the n motion frames
                 if clip == 0 and num_motion_frames and behaviour.first_motion_frames == "reference":
                     if behaviour.renormalise_bright_batch and image.min() >= 0:
-                        clip_reference_latents = self.encode_image(image * 2.0 - 1.0)
+                        clip_reference_latents = reference_normalised_twice()
                     motion_latents = clip_reference_latents.expand(num_motion_frames, -1, -1, -1)
                 motion_null = None
                 if clip == 0 or rerun_reference:
@@ -824,7 +821,7 @@ class EmoPipeline(DiffusionPipeline):
                     motion_pixels = last * 2.0 - 1.0
                     clip_reference_latents = reference_latents
                     if behaviour.renormalise_bright_batch and min(image.min(), motion_pixels.min()) >= 0:
-                        clip_reference_latents = self.encode_image(image * 2.0 - 1.0)
+                        clip_reference_latents = reference_normalised_twice()
                         motion_pixels = motion_pixels * 2.0 - 1.0
                     motion_latents = self.encode_image(motion_pixels).to(reference_latents.dtype)
                 else:

@@ -9,6 +9,16 @@ import torch
 from pipeline import EmoPipeline, build_pipeline
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Two CPU threads that other processes also want are slower than one (OpenMP spin-waits): a module's
+    tests run on one (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def activate_zero_layers(pipe: EmoPipeline, seed: int = 0) -> EmoPipeline:
     """Give the zero-initialised EMO layers (audio/speed attention outputs, temporal proj_out, face locator
     output) small random weights, so that every conditioning path of a random tiny model has an effect."""

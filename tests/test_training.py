@@ -34,13 +34,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 FPS, SECONDS, CLIP = 25, 1.6, 20  # 40 frames per video -> 2 clips of 20 frames
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two CPU threads that other processes also want are slower than one (OpenMP spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -413,9 +413,7 @@ def training_loss(
     if pipe.identity_projection is not None and "face_embedding" in batch:
         conditions["face_embedding"] = batch["face_embedding"].to(device)
     if pipe.has_region_audio:
-        levels = len(pipe.denoising_unet.config.block_out_channels)
-        h, w = target_latents.shape[-2:]
-        sizes = [(h // 2**i, w // 2**i) for i in range(levels)]
+        sizes = pipe.denoising_unet.token_grids(tuple(target_latents.shape[-2:]))
         masks = region_masks(batch["face_mask"], batch["mouth_mask"], sizes)
         conditions["region_masks"] = {size: mask.to(device) for size, mask in masks.items()}
     pred = model(

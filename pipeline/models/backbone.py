@@ -103,6 +103,12 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
             motion_frame_features=motion_frame_features,
         )
 
+    def token_grids(self, latent_size: tuple[int, int]) -> list[tuple[int, int]]:
+        """The (h, w) token grid of each resolution level for latents of `latent_size`, finest first (the keys
+        of `region_masks`)."""
+        h, w = latent_size
+        return [(h // 2**i, w // 2**i) for i in range(len(self.config.block_out_channels))]
+
     def forward(
         self,
         sample: torch.Tensor,
