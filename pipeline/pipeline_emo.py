@@ -87,6 +87,8 @@ class ClipConditions:
     identity: tuple[torch.Tensor, torch.Tensor] | None  # (null, conditional) identity tokens, (1, k, d) each
     region_masks: dict[tuple[int, int], torch.Tensor] | None  # (h, w) -> (1, h*w, 3)
     region_weights: tuple[float, float, float]
+    # (1, c, h, w) the reference's latents for a backbone with `reference_latent_channels`, else None
+    reference_latents: torch.Tensor | None = None
 
 
 @dataclass
@@ -507,6 +509,11 @@ class EmoPipeline(DiffusionPipeline):
             inputs["reference_used"] = used
         if reference_index is not None:
             inputs["reference_index"] = reference_index
+        if conds.reference_latents is not None:  # a branch without reference gets zeros, as in training
+            r = conds.reference_latents
+            inputs["reference_latents"] = torch.cat(
+                [r if use_ref else torch.zeros_like(r) for use_ref in used]
+            )
         return inputs
 
     def _predict(self, latents, t, conds: ClipConditions, built: dict, branches) -> list[torch.Tensor]:
@@ -726,6 +733,9 @@ class EmoPipeline(DiffusionPipeline):
             if self.has_region_audio
             else None,
             region_weights=(float(pose_weight), float(face_weight), float(lip_weight)),
+            reference_latents=reference_latents
+            if self.denoising_unet.config.reference_latent_channels
+            else None,
         )
         branches = self._branches(guidance_scale, reference_guidance_scale)
         joint = self.behaviour.guidance == "joint"

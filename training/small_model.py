@@ -56,7 +56,12 @@ SMALL = {
         norm_num_groups=16,
     ),
     "backbone": dict(
-        out_channels=8, audio_dim=64, motion_num_attention_heads=4, motion_norm_num_groups=16, speed_dim=64
+        out_channels=8,
+        audio_dim=64,
+        motion_num_attention_heads=4,
+        motion_norm_num_groups=16,
+        speed_dim=64,
+        reference_latent_channels=8,  # the reference's latents added to every frame (identity at this size)
     ),
     "vae": dict(
         block_out_channels=(16, 32, 64, 64),
@@ -278,7 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid-every", type=int, default=3, help="use every n-th GRID sentence")
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--audio-steps", type=int, default=800)
-    parser.add_argument("--stage1-steps", type=int, default=1200)
+    parser.add_argument(
+        "--stage1-steps", type=int, help="default 1200; 0 with --continue-from (which then skips stage 1)"
+    )
     parser.add_argument("--stage2-steps", type=int, default=1200)
     parser.add_argument("--stage3-steps", type=int, default=200)
     parser.add_argument(
@@ -290,8 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--continue-from",
         type=Path,
-        help="a small model made by this command (e.g. assets/models/emo-small): skip vae, audio and stage 1, "
-        "train stage 2 further from it and then stage 3, keep its VAE (folders stage2_continued, stage3_continued)",
+        help="a small model made by this command (e.g. assets/models/emo-small): skip vae and audio, train "
+        "stage 1 (--stage1-steps, default 0), 2 and 3 further from it, keep its VAE (folders stage<n>_continued)",
     )
     parser.add_argument(
         "--mouth-weight", type=float, default=4.0, help="stages 2-3: extra loss weight of the mouth"
@@ -333,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         mouth_weight=args.mouth_weight, motion_dropout=args.motion_dropout, learning_rate=args.learning_rate
     )
     if args.continue_from is not None:
-        continue_training(args, work, clips, options)
+        continue_training(args, work, clips, photos, options)
         return
 
     vae_dir = work / "init_vae"
@@ -367,7 +374,8 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     previous = init
-    for stage, steps in ((1, args.stage1_steps), (2, args.stage2_steps), (3, args.stage3_steps)):
+    stage1_steps = 1200 if args.stage1_steps is None else args.stage1_steps
+    for stage, steps in ((1, stage1_steps), (2, args.stage2_steps), (3, args.stage3_steps)):
         started = time.time()
         roots = [clips, photos] if stage == 1 else [clips]
         previous = run_stage(stage, work, roots, steps, previous, **(options if stage > 1 else {}))
@@ -395,15 +403,45 @@ def export(pipe: EmoPipeline, stage_pipeline: Path, out: Path) -> None:
     logger.info("small model -> %s", out)
 
 
-def continue_training(args, work: Path, clips: Path, options: dict) -> None:
-    """More stage 2 (then stage 3) from a finished small model; its VAE (refined decoder) is kept."""
+def with_reference_latents(source: Path, out: Path) -> Path:
+    """`source` with a reference-latent injection (as `SMALL`'s) added to its backbone (zero-initialised, so
+    the model predicts what it did), saved to `out` (done once); `source` itself when it already has one."""
+    from pipeline.models import EmoUNet3DModel
+
+    if (out / "model_index.json").is_file():
+        return out
+    pipe = EmoPipeline.from_pretrained(source)
+    old = pipe.denoising_unet
+    channels = pipe.vae.config.latent_channels
+    if old.config.reference_latent_channels:
+        return source
+    new = EmoUNet3DModel.from_config(old.config, reference_latent_channels=channels)
+    result = new.load_state_dict(old.state_dict(), strict=False)
+    if result.unexpected_keys or any(not k.startswith("reference_latent_in.") for k in result.missing_keys):
+        raise SystemExit(f"--continue-from {source}: its backbone's weights do not fit its own config")
+    pipe.register_modules(denoising_unet=new)
+    pipe.save_pretrained(out)
+    logger.info("added the reference-latent injection (%d channels) to %s -> %s", channels, source, out)
+    return out
+
+
+def continue_training(args, work: Path, clips: Path, photos: Path, options: dict) -> None:
+    """More training from a finished small model: stage 1 (`--stage1-steps`, default 0 here), stage 2, stage 3;
+    its VAE (refined decoder) is kept. A model without the reference-latent injection gets it first."""
     source = args.continue_from.resolve()
     if not (source / "model_index.json").is_file():
         raise SystemExit(f"--continue-from {source}: not a model folder (no model_index.json)")
-    previous = source
-    for stage, steps in ((2, args.stage2_steps), (3, args.stage3_steps)):
+    previous = with_reference_latents(source, work / "init_continued")
+    stages = ((1, args.stage1_steps or 0), (2, args.stage2_steps), (3, args.stage3_steps))
+    for stage, steps in stages:
+        if steps == 0:
+            continue
         started = time.time()
-        previous = run_stage(stage, work, [clips], steps, previous, name=f"stage{stage}_continued", **options)
+        roots = [clips, photos] if stage == 1 else [clips]
+        stage_options = options if stage > 1 else {}
+        previous = run_stage(
+            stage, work, roots, steps, previous, name=f"stage{stage}_continued", **stage_options
+        )
         logger.info("stage%d (continued): %.1f min", stage, (time.time() - started) / 60)
         if args.stop_after == f"stage{stage}":
             return

@@ -168,6 +168,10 @@ class EmoTrainingModel(nn.Module):
             backbone_inputs["identity_tokens"] = identity
         if region_masks is not None:
             backbone_inputs["region_masks"] = region_masks
+        if unet.config.reference_latent_channels:  # zeros for a dropped reference, as in guidance
+            backbone_inputs["reference_latents"] = reference_latents * _expand(
+                keep["reference"], reference_latents
+            )
         # 3. Backbone
         return unet(
             noisy,

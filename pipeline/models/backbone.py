@@ -5,6 +5,11 @@ transformer (self-attention, reference-attention on ReferenceNet tokens, audio-a
 audio tokens, feed-forward) -> motion module (temporal attention over the n motion frames + f clip frames,
 with the speed cross-attention). The face locator's features are added after `conv_in`.
 
+`reference_latent_channels > 0` (the small embedded model, not EMO's full-size layout): the reference image's
+VAE latents also go through a zero-initialised conv and are added after `conv_in` to every frame, as image-to-
+video models such as Stable Video Diffusion give their conditioning frame to every frame; at small scale this
+keeps the portrait's identity far better than reference-attention alone.
+
 Hallo's network is this model with other config values (set by `pipeline.hallo`): reference tokens joined
 to self-attention and identity tokens in cross-attention (`reference_attention="concat"`,
 `cross_attention_dim`), region-masked audio modules after the spatial transformers
@@ -65,6 +70,7 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
         motion_frame_features: str = "layer",
         motion_norm_per_frame: bool = False,
         motion_stored_positions: bool = False,
+        reference_latent_channels: int = 0,
     ):
         super().__init__()
         if audio_attention_type not in AUDIO_ATTENTION_TYPES:
@@ -102,6 +108,15 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
             motion_in_plain_blocks=motion_in_plain_blocks,
             motion_frame_features=motion_frame_features,
         )
+        self.reference_latent_in = None
+        if reference_latent_channels:
+            self.reference_latent_in = torch.nn.Conv2d(
+                reference_latent_channels, block_out_channels[0], 3, padding=1
+            )
+            torch.nn.init.zeros_(
+                self.reference_latent_in.weight
+            )  # a new injection leaves the output as it was
+            torch.nn.init.zeros_(self.reference_latent_in.bias)
 
     def token_grids(self, latent_size: tuple[int, int]) -> list[tuple[int, int]]:
         """The (h, w) token grid of each resolution level for latents of `latent_size`, finest first (the keys
@@ -123,6 +138,7 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
         reference_index: torch.Tensor | None = None,
         region_masks: dict[tuple[int, int], torch.Tensor] | None = None,
         region_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        reference_latents: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> EmoUNetOutput | tuple[torch.Tensor]:
         """Predict the noise (or v) of a clip.
@@ -137,6 +153,8 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
         frame of the samples with a reference, the row of `reference_tokens` it reads; default one row each);
         region audio modules: region_masks {(h, w): (b, h*w, 3)} full/face/lip weights of each level's tokens,
         region_weights the (pose, face, lip) weights of the three branches.
+        reference_latents: (b, reference_latent_channels, h, w) the reference's latents (zeros for a sample
+        without reference), required when the model has `reference_latent_channels`, else not accepted.
         motion_features with `motion_frame_features="attention"`: key -> (b, n, h*w, c) attention tokens.
         """
         b, _, f, h, w = sample.shape
@@ -156,6 +174,16 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
         added = None
         if face_features is not None:
             added = face_features.to(sample.dtype).repeat_interleave(f, dim=0)
+        if (reference_latents is None) != (self.reference_latent_in is None):
+            raise ValueError(
+                "`reference_latents` must be given exactly when the backbone has `reference_latent_channels` "
+                f"({self.config.reference_latent_channels})"
+            )
+        if reference_latents is not None:
+            injected = self.reference_latent_in(reference_latents.to(sample.dtype)).repeat_interleave(
+                f, dim=0
+            )
+            added = injected if added is None else added + injected
         out = run_unet(
             self,
             rearrange(sample, "b c f h w -> (b f) c h w"),

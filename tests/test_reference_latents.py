@@ -1,0 +1,134 @@
+"""The reference-latent injection of the small embedded model: the reference image's latents, through a
+zero-initialised conv, added after the backbone's `conv_in` to every frame (`reference_latent_channels`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import speech_like, tiny_pipeline
+
+from pipeline import EmoPipeline, build_pipeline
+from pipeline.models import EmoUNet3DModel
+from training.train import EmoTrainingModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def backbone_inputs(unet: EmoUNet3DModel, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    c, f, h = unet.config.in_channels, 3, 8
+    ref_net = build_pipeline("tiny").reference_net
+    tokens = ref_net(torch.randn(1, c, h, h, generator=g)).reference_tokens
+    return dict(
+        sample=torch.randn(1, c, f, h, h, generator=g),
+        timestep=500,
+        reference_tokens=tokens,
+        audio_tokens=torch.randn(1, f, 4, unet.config.audio_dim, generator=g),
+        speed_tokens=torch.randn(1, f, unet.config.speed_dim, generator=g),
+    )
+
+
+def with_injection(unet: EmoUNet3DModel) -> EmoUNet3DModel:
+    new = EmoUNet3DModel.from_config(unet.config, reference_latent_channels=4).eval()
+    missing = new.load_state_dict(unet.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["reference_latent_in.bias", "reference_latent_in.weight"]
+    return new
+
+
+@torch.no_grad()
+def test_a_new_injection_leaves_the_backbone_unchanged_and_a_trained_one_reads_the_reference():
+    torch.manual_seed(0)
+    plain = tiny_pipeline().denoising_unet
+    injected = with_injection(plain)
+    inputs = backbone_inputs(plain)
+    reference = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    before = plain(**inputs).sample
+    assert torch.equal(injected(**inputs, reference_latents=reference).sample, before)
+
+    injected.reference_latent_in.weight.data.normal_(0, 0.2)
+    after = injected(**inputs, reference_latents=reference).sample
+    assert (after - before).abs().mean() > 1e-3  # the reference's latents now change every frame
+    per_frame = (after - before).abs().mean(dim=(0, 1, 3, 4))
+    assert per_frame.min() > 1e-3
+    # a dropped reference (zeros) is the plain backbone plus the conv's bias only
+    injected.reference_latent_in.bias.data.zero_()
+    dropped = injected(**inputs, reference_latents=torch.zeros_like(reference)).sample
+    torch.testing.assert_close(dropped, before)
+
+    with pytest.raises(ValueError, match="reference_latents.*reference_latent_channels"):
+        injected(**inputs)
+    with pytest.raises(ValueError, match="reference_latents.*reference_latent_channels"):
+        plain(**inputs, reference_latents=reference)
+
+
+def injected_pipeline() -> EmoPipeline:
+    pipe = tiny_pipeline()
+    pipe.register_modules(denoising_unet=with_injection(pipe.denoising_unet))
+    pipe.denoising_unet.reference_latent_in.weight.data.normal_(
+        0, 0.3, generator=torch.Generator().manual_seed(2)
+    )
+    return pipe
+
+
+def test_the_pipeline_gives_the_portrait_to_the_guided_branch_and_zeros_to_the_unguided_one(portrait):
+    from pipeline.pipeline_emo import ClipConditions
+
+    pipe = injected_pipeline()
+    latents = torch.randn(1, 4, 4, 4)
+    conds = ClipConditions(
+        reference={}, motion=None, motion_null=None, audio=torch.zeros(1, 2, 4, 32), speed=None,
+        face=torch.zeros(1, 32, 4, 4), identity=None, region_masks=None, region_weights=(1.0, 1.0, 1.0),
+        reference_latents=latents,
+    )  # fmt: skip
+    rows = pipe._branch_inputs(conds, ((True, True), (True, False), (False, False)))["reference_latents"]
+    assert torch.equal(rows[0], latents[0]) and torch.equal(rows[1], latents[0]) and not rows[2].any()
+
+    def video(pipe):
+        return pipe(
+            portrait, speech_like(0.48), sampling_rate=16_000, face_mask=np.ones((32, 32)), height=32, width=32,
+            num_inference_steps=2, clip_length=4, num_motion_frames=2, guidance_scale=2.0,
+            generator=torch.Generator().manual_seed(0), output_type="np",
+        ).frames  # fmt: skip
+
+    frames = video(pipe)
+    assert frames.shape == (12, 32, 32, 3) and np.isfinite(frames).all()
+    pipe.denoising_unet.reference_latent_in.weight.data.zero_()
+    assert np.abs(video(pipe) - frames).mean() > 1e-3  # the injection is on the generation's path
+
+
+def test_continuing_a_small_model_adds_the_injection_once_and_training_reaches_it(tmp_path):
+    from training.small_model import with_reference_latents
+
+    torch.manual_seed(0)
+    source = tmp_path / "old"
+    tiny_pipeline().save_pretrained(source)
+    out = with_reference_latents(source, tmp_path / "init")
+    assert out == tmp_path / "init"
+    pipe = EmoPipeline.from_pretrained(out)
+    unet = pipe.denoising_unet
+    assert unet.config.reference_latent_channels == 4 and not unet.reference_latent_in.weight.any()
+    old = EmoPipeline.from_pretrained(source).denoising_unet
+    inputs = backbone_inputs(unet)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            unet(**inputs, reference_latents=torch.ones(1, 4, 8, 8)).sample, old(**inputs).sample
+        )
+    assert with_reference_latents(source, out) == out  # done once
+    assert with_reference_latents(out, tmp_path / "again") == out  # already has it
+
+    model = EmoTrainingModel(pipe)
+    g = torch.Generator().manual_seed(0)
+    b, f = 2, 3
+    prediction = model(
+        noisy=torch.randn(b, 4, f, 16, 16, generator=g),  # 32 px frames, 2x VAE
+        timesteps=torch.tensor([100, 700]),
+        reference_latents=torch.randn(b, 4, 16, 16, generator=g),
+        motion_latents=None,
+        face_mask=torch.ones(b, 1, 32, 32),
+        audio_features=None,
+        speeds=None,
+        keep={k: torch.ones(b) for k in ("reference", "audio", "motion")},
+    )
+    prediction.square().mean().backward()
+    assert unet.reference_latent_in.weight.grad.abs().sum() > 0
