@@ -59,11 +59,11 @@ FULL_SIZE_HOWTO = """\
 """
 
 SMALL_MODEL_NOTE = """\
-- **It can** run the whole EMO pipeline on any computer, offline, about 5 s per second of video on a 2-core
-  CPU: it follows your photo's framing, background, hair and clothing colours, at {resolution}×{resolution}
-  pixels, opens and closes the mouth in time with clear speech, and writes an mp4 with your sound.
-- **It cannot** keep the face recognisable (faces come out blurry and generic), and the mouth moves much less
-  than a real one: it was trained for three hours on a CPU. For real quality, load a full-size model.
+- **It can** run the whole EMO pipeline on any computer, offline, 5 to 12 s per second of video on a 2-core
+  CPU: it keeps your photo's person (face shape, hair, skin tone, clothing, background) at
+  {resolution}×{resolution} pixels, opens and closes the mouth with the voice, and writes an mp4 with your sound.
+- **It cannot** keep fine detail: faces come out soft (eyes and teeth blur), it flickers, and the mouth moves
+  less than a real one: it was trained for four hours on a CPU. For real quality, load a full-size model.
 """
 
 

@@ -283,7 +283,10 @@ def test_every_mapped_tensor_reaches_the_output(converted):
         for k in untouched
         if k.startswith(last) and ".norm1." not in k and ".norm." not in k and ".proj_in." not in k
     }
-    assert untouched == allowed and allowed, sorted(untouched - allowed)[:5]
+    # self-attention over the mid block's single token (1 x 1 at 64 px): the softmax of one logit is 1 whatever
+    # q and k are, so their gradient is zero in exact arithmetic (exactly 0.0 on some CPUs, rounding noise on others)
+    one_token = {k for k in untouched if ".mid_block." in k and (".attn1.to_q." in k or ".attn1.to_k." in k)}
+    assert untouched == allowed | one_token and allowed, sorted(untouched - allowed - one_token)[:5]
     assert any(".attn2." in k for k in allowed) and any("proj_out" in k for k in allowed)
     # the position tables are buffers: they matter too
     mapped_tables = [k for k, v in report.mapped.items() if v.endswith(".pe")]
