@@ -408,13 +408,13 @@ def with_reference_latents(source: Path, out: Path) -> Path:
     the model predicts what it did), saved to `out` (done once); `source` itself when it already has one."""
     from pipeline.models import EmoUNet3DModel
 
+    if EmoUNet3DModel.load_config(source / "denoising_unet").get("reference_latent_channels"):
+        return source  # checked first: a later source that has it is never swapped for an older cached one
     if (out / "model_index.json").is_file():
         return out
     pipe = EmoPipeline.from_pretrained(source)
     old = pipe.denoising_unet
     channels = pipe.vae.config.latent_channels
-    if old.config.reference_latent_channels:
-        return source
     new = EmoUNet3DModel.from_config(old.config, reference_latent_channels=channels)
     result = new.load_state_dict(old.state_dict(), strict=False)
     if result.unexpected_keys or any(not k.startswith("reference_latent_in.") for k in result.missing_keys):

@@ -113,9 +113,8 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
             self.reference_latent_in = torch.nn.Conv2d(
                 reference_latent_channels, block_out_channels[0], 3, padding=1
             )
-            torch.nn.init.zeros_(
-                self.reference_latent_in.weight
-            )  # a new injection leaves the output as it was
+            # zero at the start: a new injection leaves the backbone's output as it was
+            torch.nn.init.zeros_(self.reference_latent_in.weight)
             torch.nn.init.zeros_(self.reference_latent_in.bias)
 
     def token_grids(self, latent_size: tuple[int, int]) -> list[tuple[int, int]]:
