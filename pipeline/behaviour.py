@@ -26,6 +26,10 @@ class Behaviour:
     motion_frames: str = "latents"
     # resampling of the portrait to the model size (PIL filter name)
     image_resample: str = "lanczos"
+    # models with `reference_latent_channels` (the small embedded model): the portrait's latents added to every
+    # frame have its mouth region (`face.mouth_mask` of its face box) faded out, so that the mouth is drawn from
+    # the voice rather than copied from the photo (training hides it the same way)
+    mask_reference_mouth: bool = False
     # --- Hallo's inference as it really runs (each looks accidental, each shapes its published output) ---
     # the ReferenceNet batch is [reference, motion frames...] for the unconditional then the conditional
     # branch, and its cross-attention context [uncond, cond] identity tokens is tiled over it row by row

@@ -160,6 +160,19 @@ def face_mask(box: FaceBox, size: tuple[int, int], *, expand: float = 1.2) -> np
     return mask
 
 
+def mouth_mask(box: FaceBox, size: tuple[int, int]) -> np.ndarray:
+    """The mouth region of a face box: 1 over the middle half of its width and the band from 55 % to 100 % of
+    its height (MediaPipe's boxes end near the chin), 0 elsewhere; float32 (height, width) for an image of
+    ``size`` = (width, height). Weights the training loss, and hides the portrait's mouth from models with
+    ``behaviour.mask_reference_mouth``."""
+    width, height = size
+    mask = np.zeros((height, width), np.float32)
+    x0, x1 = round(box.x0 + 0.25 * box.width), round(box.x0 + 0.75 * box.width)
+    y0, y1 = round(box.y0 + 0.55 * box.height), round(box.y1)
+    mask[max(0, y0) : max(0, min(height, y1)), max(0, x0) : max(0, min(width, x1))] = 1.0
+    return mask
+
+
 # --------------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from .models import (
     SpeedEncoder,
 )
 from .models.attention import context_cache
+from .models.backbone import hide_mouth
 from .presets import get_preset, make_scheduler
 
 logger = logging.get_logger(__name__)
@@ -438,6 +439,20 @@ class EmoPipeline(DiffusionPipeline):
             .to(device)
         )
 
+    def prepare_mouth_mask(self, image: PIL.Image.Image, device) -> torch.Tensor | None:
+        """The portrait's mouth region (1, 1, H, W) of 0/1 (`face.mouth_mask` of its face box), for models with
+        `behaviour.mask_reference_mouth`; None when no face is found (the whole portrait is then kept)."""
+        from .face import NoFaceError, detect_face, mouth_mask
+
+        try:
+            box = detect_face(np.asarray(image), warn_multiple=False)
+        except NoFaceError:
+            logger.warning("No face found in the reference image: its mouth cannot be hidden from the model.")
+            return None
+        return (
+            torch.from_numpy(mouth_mask(box, image.size)).reshape(1, 1, image.height, image.width).to(device)
+        )
+
     def _branches(self, guidance_scale: float, reference_guidance_scale: float) -> list[tuple[bool, bool]]:
         """(use reference, use audio) per classifier-free guidance branch, in `combine_guidance` order."""
         branches = [(True, True)]
@@ -726,6 +741,18 @@ class EmoPipeline(DiffusionPipeline):
             region_masks = {"full": found.full, "face": found.face, "lip": found.lip}
         mask = self.prepare_face_mask(face_mask, reference_pil, height, width, device)
         identity = self.encode_identity(face_embedding, original, device)
+        injected = (
+            None  # the reference's latents added to every frame (models with reference_latent_channels)
+        )
+        if self.denoising_unet.config.reference_latent_channels:
+            injected = reference_latents
+            mouth = (
+                self.prepare_mouth_mask(reference_pil, device)
+                if self.behaviour.mask_reference_mouth
+                else None
+            )
+            if mouth is not None:
+                injected = hide_mouth(reference_latents, mouth)
         conditions = dict(
             face=self.face_locator(mask),
             identity=identity,
@@ -733,9 +760,7 @@ class EmoPipeline(DiffusionPipeline):
             if self.has_region_audio
             else None,
             region_weights=(float(pose_weight), float(face_weight), float(lip_weight)),
-            reference_latents=reference_latents
-            if self.denoising_unet.config.reference_latent_channels
-            else None,
+            reference_latents=injected,
         )
         branches = self._branches(guidance_scale, reference_guidance_scale)
         joint = self.behaviour.guidance == "joint"

@@ -3,6 +3,8 @@ zero-initialised conv, added after the backbone's `conv_in` to every frame (`ref
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from pipeline import EmoPipeline, build_pipeline
 from pipeline.models import EmoUNet3DModel
 from training.train import EmoTrainingModel
 
+EXAMPLE_PORTRAIT = Path(__file__).parents[1] / "assets" / "examples" / "portrait.png"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -97,25 +100,37 @@ def test_the_pipeline_gives_the_portrait_to_the_guided_branch_and_zeros_to_the_u
     assert np.abs(video(pipe) - frames).mean() > 1e-3  # the injection is on the generation's path
 
 
-def test_continuing_a_small_model_adds_the_injection_once_and_training_reaches_it(tmp_path):
-    from training.small_model import with_reference_latents
+def test_continuing_a_small_model_brings_it_to_the_small_layout_once_and_training_reaches_it(tmp_path):
+    from training.small_model import with_small_layout
 
     torch.manual_seed(0)
     source = tmp_path / "old"
     tiny_pipeline().save_pretrained(source)
-    out = with_reference_latents(source, tmp_path / "init")
+    out = with_small_layout(source, tmp_path / "init")
     assert out == tmp_path / "init"
     pipe = EmoPipeline.from_pretrained(out)
     unet = pipe.denoising_unet
     assert unet.config.reference_latent_channels == 4 and not unet.reference_latent_in.weight.any()
+    assert (
+        pipe.behaviour.mask_reference_mouth
+        and not EmoPipeline.from_pretrained(source).behaviour.mask_reference_mouth
+    )
     old = EmoPipeline.from_pretrained(source).denoising_unet
     inputs = backbone_inputs(unet)
     with torch.no_grad():
         torch.testing.assert_close(
             unet(**inputs, reference_latents=torch.ones(1, 4, 8, 8)).sample, old(**inputs).sample
         )
-    assert with_reference_latents(source, out) == out  # done once
-    assert with_reference_latents(out, tmp_path / "again") == out  # already has it
+    assert with_small_layout(source, out) == out  # done once
+    assert with_small_layout(out, tmp_path / "again") == out  # already in the layout
+    # a model with the injection but without the behaviour (the model shipped before it) gets the switch only
+    pipe.register_to_config(behaviour={})
+    pipe.save_pretrained(tmp_path / "injected")
+    switched = EmoPipeline.from_pretrained(with_small_layout(tmp_path / "injected", tmp_path / "switched"))
+    assert switched.behaviour.mask_reference_mouth
+    torch.testing.assert_close(
+        switched.denoising_unet.reference_latent_in.weight, unet.reference_latent_in.weight
+    )
 
     model = EmoTrainingModel(pipe)
     g = torch.Generator().manual_seed(0)
@@ -129,6 +144,59 @@ def test_continuing_a_small_model_adds_the_injection_once_and_training_reaches_i
         audio_features=None,
         speeds=None,
         keep={k: torch.ones(b) for k in ("reference", "audio", "motion")},
+        reference_mouth_mask=torch.zeros(b, 1, 32, 32),
     )
     prediction.square().mean().backward()
     assert unet.reference_latent_in.weight.grad.abs().sum() > 0
+
+
+def test_hide_mouth_keeps_each_latent_cell_by_its_share_outside_the_mouth():
+    from pipeline.face import FaceBox, mouth_mask
+    from pipeline.models.backbone import hide_mouth
+
+    mask = mouth_mask(
+        FaceBox(8, 8, 24, 24), (32, 32)
+    )  # the middle half of x (12..20), 55..100 % of y (17..24)
+    assert mask.shape == (32, 32) and mask.sum() == 8 * 7
+    assert mask[17:24, 12:20].all() and not mask[:17].any() and not mask[:, :12].any() and not mask[24:].any()
+    latents = torch.ones(1, 2, 8, 8)  # 4 px per latent cell
+    hidden = hide_mouth(latents, torch.from_numpy(mask)[None, None])
+    assert hidden[0, :, 5, 3:5].eq(0).all()  # cells inside the mouth: gone
+    assert hidden[0, :, 4, 3:5].eq(0.25).all()  # rows 16..19, of which 17..19 are mouth: a quarter kept
+    assert hidden[0, :, :4].eq(1).all() and hidden[0, :, :, :3].eq(1).all()  # elsewhere unchanged
+
+
+def test_a_model_that_hides_the_mouth_gets_the_portrait_without_it_in_the_pipeline_and_in_training():
+    from PIL import Image
+
+    from pipeline.face import detect_face, mouth_mask
+
+    portrait = Image.open(EXAMPLE_PORTRAIT).convert("RGB")  # a real face, found by MediaPipe at 64 px
+    pipe = injected_pipeline()
+    pipe.register_to_config(behaviour={"mask_reference_mouth": True})
+    seen = []
+    pipe.denoising_unet.reference_latent_in.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    pipe(
+        portrait, speech_like(0.2), sampling_rate=16000, height=64, width=64, num_inference_steps=1,
+        clip_length=4, num_motion_frames=2, guidance_scale=1.0, output_type="np",
+    )  # fmt: skip
+    image = pipe.image_processor.postprocess(pipe.image_processor.preprocess(portrait, 64, 64), "pil")[0]
+    mouth = mouth_mask(detect_face(np.asarray(image)), (64, 64))
+    assert mouth.sum() > 0
+    full = pipe.encode_image(pipe.image_processor.preprocess(portrait, 64, 64))
+    inside = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(mouth)[None, None], (32, 32))[0, 0]
+    injected = seen[0][0]
+    torch.testing.assert_close(injected, full[0] * (1 - inside))
+    assert injected[:, inside == 1].eq(0).all() and full[0][:, inside == 1].abs().sum() > 0
+
+    model = EmoTrainingModel(pipe)
+    args = dict(
+        noisy=torch.randn(1, 4, 2, 32, 32), timesteps=torch.tensor([500]), reference_latents=full,
+        motion_latents=None, face_mask=torch.ones(1, 1, 64, 64), audio_features=None, speeds=None,
+        keep={k: torch.ones(1) for k in ("reference", "audio", "motion")},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="reference_mouth_mask"):
+        model(**args)
+    seen.clear()
+    model(**args, reference_mouth_mask=torch.from_numpy(mouth)[None, None])
+    torch.testing.assert_close(seen[0], injected[None])

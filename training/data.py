@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from pipeline.face import FaceBox, face_mask, union_box
+from pipeline.face import FaceBox, face_mask, mouth_mask, union_box
 
 
 @dataclass
@@ -82,17 +82,6 @@ def read_clips(root: str | Path) -> list[ClipInfo]:
     return clips
 
 
-def mouth_mask(box: FaceBox, resolution: int) -> np.ndarray:
-    """(R, R) float32 mask of 1 over the mouth region of a face box: the middle half of its width and the
-    band from 55 % to 100 % of its height (MediaPipe's boxes end near the chin)."""
-    mask = np.zeros((resolution, resolution), np.float32)
-    width, height = box.x1 - box.x0, box.y1 - box.y0
-    x0, x1 = round(box.x0 + 0.25 * width), round(box.x0 + 0.75 * width)
-    y0, y1 = round(box.y0 + 0.55 * height), round(box.y0 + 1.0 * height)
-    mask[max(0, y0) : max(0, min(resolution, y1)), max(0, x0) : max(0, min(resolution, x1))] = 1.0
-    return mask
-
-
 class EpochSampler(Sampler[int]):
     """Sample ids of one epoch: `epoch * size + i` for a permutation of range(size) seeded by (seed, epoch).
 
@@ -122,7 +111,9 @@ class EmoDataset(Dataset):
     """Training samples (see the module docstring). Items are dicts of tensors:
 
     pixel_values (n + f, 3, R, R) in [-1, 1]; reference (3, R, R) in [-1, 1]; face_mask (1, R, R) of 0/1;
-    mouth_mask (1, R, R) of 0/1 (`mouth_mask` of the union face box, for a mouth-weighted loss);
+    mouth_mask (1, R, R) of 0/1 (`pipeline.face.mouth_mask` of the union face box, for a mouth-weighted loss);
+    reference_mouth_mask (1, R, R) of 0/1 (the same of the reference frame's own face box, as the pipeline
+    finds it on a portrait: `behaviour.mask_reference_mouth`);
     and when `with_audio`: audio_features (f + 2 audio_margin, layers, dim), speeds (f + 2 speed_margin,)
     in degrees/frame; when every clip's video has one: face_embedding (512,) float32 (`has_face_embeddings`).
     R = `resolution` (prepared frames are resized when it differs).
@@ -201,7 +192,10 @@ class EmoDataset(Dataset):
             "pixel_values": torch.stack([self._image(clip, t) for t in frames]),
             "reference": self._image(clip, reference),
             "face_mask": torch.from_numpy(mask)[None],
-            "mouth_mask": torch.from_numpy(mouth_mask(box, self.resolution))[None],
+            "mouth_mask": torch.from_numpy(mouth_mask(box, (self.resolution,) * 2))[None],
+            "reference_mouth_mask": torch.from_numpy(
+                mouth_mask(FaceBox(*(clip.boxes[reference] * scale)), (self.resolution,) * 2)
+            )[None],
         }
         if self.has_face_embeddings:
             sample["face_embedding"] = torch.from_numpy(

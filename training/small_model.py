@@ -26,12 +26,14 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline import EmoPipeline, build_pipeline
+from pipeline.behaviour import Behaviour
 
 from .config import config_from_dict
 from .data import EmoDataset
@@ -77,6 +79,8 @@ SMALL = {
     "speed_encoder": dict(hidden_dim=64, output_dim=64),
     "face_locator": dict(block_out_channels=(8, 16, 32, 32)),
 }
+# pipeline switches of the small model (`pipeline.behaviour`)
+SMALL_BEHAVIOUR = dict(mask_reference_mouth=True)  # the mouth comes from the voice, not from the portrait
 # the model's own settings, saved in its model_index.json (see benchmarks/bench_presets.py for the choice)
 GENERATION_DEFAULTS = dict(clip_length=CLIP_LENGTH, num_motion_frames=MOTION_FRAMES, fps=25.0, preset="fast")
 
@@ -348,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (vae_dir / "model_index.json").is_file():
         torch.manual_seed(0)
         pipe = build_pipeline(copy.deepcopy(SMALL))
+        pipe.register_to_config(behaviour=replace(pipe.behaviour, **SMALL_BEHAVIOUR).to_config())
         mse = fit_vae(pipe.vae, [clips, photos], args.vae_steps)
         (work / "vae.json").write_text(
             json.dumps({"mse": mse, "scaling_factor": pipe.vae.config.scaling_factor})
@@ -403,35 +408,49 @@ def export(pipe: EmoPipeline, stage_pipeline: Path, out: Path) -> None:
     logger.info("small model -> %s", out)
 
 
-def with_reference_latents(source: Path, out: Path) -> Path:
-    """`source` with a reference-latent injection (as `SMALL`'s) added to its backbone (zero-initialised, so
-    the model predicts what it did), saved to `out` (done once); `source` itself when it already has one."""
+def with_small_layout(source: Path, out: Path) -> Path:
+    """`source` made to the current small layout, saved to `out` (done once): a reference-latent injection (as
+    `SMALL`'s) added to its backbone, zero-initialised so that the model predicts what it did, and
+    `SMALL_BEHAVIOUR` switched on; `source` itself when it has both already."""
     from pipeline.models import EmoUNet3DModel
 
-    if EmoUNet3DModel.load_config(source / "denoising_unet").get("reference_latent_channels"):
+    def is_current(folder: Path) -> bool:
+        index = json.loads((folder / "model_index.json").read_text())
+        behaviour = Behaviour.from_config(index.get("behaviour"))
+        return bool(
+            EmoUNet3DModel.load_config(folder / "denoising_unet").get("reference_latent_channels")
+        ) and (behaviour == replace(behaviour, **SMALL_BEHAVIOUR))
+
+    if is_current(source):
         return source  # checked first: a later source that has it is never swapped for an older cached one
-    if (out / "model_index.json").is_file():
+    if (out / "model_index.json").is_file() and is_current(out):
         return out
     pipe = EmoPipeline.from_pretrained(source)
     old = pipe.denoising_unet
-    channels = pipe.vae.config.latent_channels
-    new = EmoUNet3DModel.from_config(old.config, reference_latent_channels=channels)
-    result = new.load_state_dict(old.state_dict(), strict=False)
-    if result.unexpected_keys or any(not k.startswith("reference_latent_in.") for k in result.missing_keys):
-        raise SystemExit(f"--continue-from {source}: its backbone's weights do not fit its own config")
-    pipe.register_modules(denoising_unet=new)
+    if not old.config.reference_latent_channels:
+        channels = pipe.vae.config.latent_channels
+        new = EmoUNet3DModel.from_config(old.config, reference_latent_channels=channels)
+        result = new.load_state_dict(old.state_dict(), strict=False)
+        if result.unexpected_keys or any(
+            not k.startswith("reference_latent_in.") for k in result.missing_keys
+        ):
+            raise SystemExit(f"--continue-from {source}: its backbone's weights do not fit its own config")
+        pipe.register_modules(denoising_unet=new)
+        logger.info("added the reference-latent injection (%d channels) to %s", channels, source)
+    pipe.register_to_config(behaviour=replace(pipe.behaviour, **SMALL_BEHAVIOUR).to_config())
     pipe.save_pretrained(out)
-    logger.info("added the reference-latent injection (%d channels) to %s -> %s", channels, source, out)
+    logger.info("%s in the current small layout -> %s", source, out)
     return out
 
 
 def continue_training(args, work: Path, clips: Path, photos: Path, options: dict) -> None:
     """More training from a finished small model: stage 1 (`--stage1-steps`, default 0 here), stage 2, stage 3;
-    its VAE (refined decoder) is kept. A model without the reference-latent injection gets it first."""
+    its VAE (refined decoder) is kept. A model of an older layout is brought to the current one first
+    (`with_small_layout`)."""
     source = args.continue_from.resolve()
     if not (source / "model_index.json").is_file():
         raise SystemExit(f"--continue-from {source}: not a model folder (no model_index.json)")
-    previous = with_reference_latents(source, work / "init_continued")
+    previous = with_small_layout(source, work / "init_continued")
     stages = ((1, args.stage1_steps or 0), (2, args.stage2_steps), (3, args.stage3_steps))
     for stage, steps in stages:
         if steps == 0:

@@ -48,6 +48,7 @@ import yaml
 from torch import nn
 
 from pipeline import EmoPipeline, EmoUNet3DModel, SpeedEncoder, build_pipeline, load_motion_module
+from pipeline.models.backbone import hide_mouth
 
 from .config import Config, load_config, parameter_matcher
 from .data import EmoDataset, EpochSampler, read_clips
@@ -82,6 +83,7 @@ class EmoTrainingModel(nn.Module):
         behaviour = pipe.behaviour
         self.null_motion_is_reference = behaviour.first_motion_frames == "reference"
         self.joint_guidance = behaviour.guidance == "joint"
+        self.mask_reference_mouth = behaviour.mask_reference_mouth
 
     def forward(
         self,
@@ -95,12 +97,14 @@ class EmoTrainingModel(nn.Module):
         keep: dict[str, torch.Tensor],
         face_embedding: torch.Tensor | None = None,
         region_masks: dict[tuple[int, int], torch.Tensor] | None = None,
+        reference_mouth_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """noisy: (b, 4, f, h, w); reference_latents (b, 4, h, w); motion_latents (b, n, 4, h, w) or None;
         face_mask (b, 1, H, W); audio_features (b, f + 2m, layers, dim) or None; speeds (b, f + 2m) deg/frame
         or None; keep: per-sample 1/0 (b,) for "reference", "audio", "motion".
         Models with identity tokens: face_embedding (b, 512) or None (the null identity, a zero embedding);
-        models with region audio modules: region_masks {(h, w): (b, h*w, 3)} at every level.
+        models with region audio modules: region_masks {(h, w): (b, h*w, 3)} at every level;
+        models with `behaviour.mask_reference_mouth`: reference_mouth_mask (b, 1, H, W), the reference's mouth.
         Returns the prediction (b, 4, f, h, w)."""
         b = noisy.shape[0]
         unet = self.denoising_unet
@@ -169,9 +173,12 @@ class EmoTrainingModel(nn.Module):
         if region_masks is not None:
             backbone_inputs["region_masks"] = region_masks
         if unet.config.reference_latent_channels:  # zeros for a dropped reference, as in guidance
-            backbone_inputs["reference_latents"] = reference_latents * _expand(
-                keep["reference"], reference_latents
-            )
+            injected = reference_latents
+            if self.mask_reference_mouth:  # the portrait's mouth hidden, as the pipeline hides it
+                if reference_mouth_mask is None:
+                    raise ValueError("this model hides the reference's mouth: give `reference_mouth_mask`")
+                injected = hide_mouth(reference_latents, reference_mouth_mask)
+            backbone_inputs["reference_latents"] = injected * _expand(keep["reference"], injected)
         # 3. Backbone
         return unet(
             noisy,
@@ -420,6 +427,8 @@ def training_loss(
         sizes = pipe.denoising_unet.token_grids(tuple(target_latents.shape[-2:]))
         masks = region_masks(batch["face_mask"], batch["mouth_mask"], sizes)
         conditions["region_masks"] = {size: mask.to(device) for size, mask in masks.items()}
+    if pipe.behaviour.mask_reference_mouth:
+        conditions["reference_mouth_mask"] = batch["reference_mouth_mask"].to(device)
     pred = model(
         noisy,
         timesteps,

@@ -8,7 +8,8 @@ with the speed cross-attention). The face locator's features are added after `co
 `reference_latent_channels > 0` (the small embedded model, not EMO's full-size layout): the reference image's
 VAE latents also go through a zero-initialised conv and are added after `conv_in` to every frame, as image-to-
 video models such as Stable Video Diffusion give their conditioning frame to every frame; at small scale this
-keeps the portrait's identity far better than reference-attention alone.
+keeps the portrait's identity far better than reference-attention alone. `hide_mouth` fades the mouth out of
+those latents (`behaviour.mask_reference_mouth`): a mouth added to every frame is otherwise copied.
 
 Hallo's network is this model with other config values (set by `pipeline.hallo`): reference tokens joined
 to self-attention and identity tokens in cross-attention (`reference_attention="concat"`,
@@ -32,6 +33,15 @@ from .audio_attention import AUDIO_ATTENTION_TYPES
 from .reference_net import SD15_DOWN_BLOCKS, SD15_UP_BLOCKS
 from .temporal import TemporalTransformer
 from .unet import build_unet, run_unet, unet_args
+
+
+def hide_mouth(reference_latents: torch.Tensor, mouth_mask: torch.Tensor) -> torch.Tensor:
+    """`reference_latents` (b, c, h, w) with each latent cell scaled by the fraction of it outside the mouth
+    region `mouth_mask` (b, 1, H, W) of 0/1 at image size (area pooling)."""
+    inside = torch.nn.functional.adaptive_avg_pool2d(
+        mouth_mask.to(reference_latents.device, reference_latents.dtype), reference_latents.shape[-2:]
+    )
+    return reference_latents * (1 - inside)
 
 
 @dataclass
