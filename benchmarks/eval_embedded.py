@@ -14,7 +14,8 @@ video is made with the model's own default settings and seed 0. Figures (`pipeli
   held-out clips and for 3 held-out GRID sentences animated from their own first frame (GRID's speaker was
   seen in training, the sentences were not): lip-sync r can be high while the mouth barely moves;
 - stability: mean frame-to-frame change, generated and real;
-- head speed: measured head rotation (degrees/frame) of one portrait animated at head_speed 0.2 and 1.5;
+- head speed: measured head rotation (degrees/frame) of one portrait animated at head_speed 0.2 and 1.5, with
+  the share of frames where MediaPipe found a pose (NaN with fewer than two: no measurement);
 - time: seconds per second of video on this machine.
 Writes one JSON line to benchmarks/results_eval.jsonl and contact sheets under outputs/eval/.
 """
@@ -168,9 +169,13 @@ def main(argv: list[str] | None = None) -> dict:
             output_type="np",
             generator=torch.manual_seed(0),
         ).frames
-        measured = head_rotation_speed(head_poses([(f * 255).astype(np.uint8) for f in frames]))
+        poses = head_poses([(f * 255).astype(np.uint8) for f in frames])
+        found = sum(pose is not None for pose in poses)
+        # head_rotation_speed reads 0 with fewer than two poses: that is no measurement, not a still head
+        measured = float(np.mean(head_rotation_speed(poses))) if found >= 2 else float("nan")
         head[str(speed)] = {
-            "measured_deg_per_frame": float(np.nanmean(measured)),
+            "measured_deg_per_frame": measured,
+            "pose_found": found / len(poses),
             "temporal_change": temporal_change(frames),
         }
 

@@ -106,7 +106,8 @@ def test_continuing_a_small_model_brings_it_to_the_small_layout_once_and_trainin
     torch.manual_seed(0)
     source = tmp_path / "old"
     tiny_pipeline().save_pretrained(source)
-    out = with_small_layout(source, tmp_path / "init")
+    switches = {"mask_reference_mouth": True}
+    out = with_small_layout(source, tmp_path / "init", switches)
     assert out == tmp_path / "init"
     pipe = EmoPipeline.from_pretrained(out)
     unet = pipe.denoising_unet
@@ -121,12 +122,16 @@ def test_continuing_a_small_model_brings_it_to_the_small_layout_once_and_trainin
         torch.testing.assert_close(
             unet(**inputs, reference_latents=torch.ones(1, 4, 8, 8)).sample, old(**inputs).sample
         )
-    assert with_small_layout(source, out) == out  # done once
-    assert with_small_layout(out, tmp_path / "again") == out  # already in the layout
+    assert with_small_layout(source, out, switches) == out  # done once
+    assert with_small_layout(out, tmp_path / "again", switches) == out  # already in the layout
+    assert with_small_layout(out, tmp_path / "again") == out  # a switch already on stays on
     # a model with the injection but without the behaviour (the model shipped before it) gets the switch only
     pipe.register_to_config(behaviour={})
     pipe.save_pretrained(tmp_path / "injected")
-    switched = EmoPipeline.from_pretrained(with_small_layout(tmp_path / "injected", tmp_path / "switched"))
+    assert with_small_layout(tmp_path / "injected", tmp_path / "plain") == tmp_path / "injected"
+    switched = EmoPipeline.from_pretrained(
+        with_small_layout(tmp_path / "injected", tmp_path / "switched", switches)
+    )
     assert switched.behaviour.mask_reference_mouth
     torch.testing.assert_close(
         switched.denoising_unet.reference_latent_in.weight, unet.reference_latent_in.weight

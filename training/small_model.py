@@ -79,8 +79,6 @@ SMALL = {
     "speed_encoder": dict(hidden_dim=64, output_dim=64),
     "face_locator": dict(block_out_channels=(8, 16, 32, 32)),
 }
-# pipeline switches of the small model (`pipeline.behaviour`)
-SMALL_BEHAVIOUR = dict(mask_reference_mouth=True)  # the mouth comes from the voice, not from the portrait
 # the model's own settings, saved in its model_index.json (see benchmarks/bench_presets.py for the choice)
 GENERATION_DEFAULTS = dict(clip_length=CLIP_LENGTH, num_motion_frames=MOTION_FRAMES, fps=25.0, preset="fast")
 
@@ -314,6 +312,12 @@ def main(argv: list[str] | None = None) -> None:
         help="stages 2-3: chance of training without motion frames",
     )
     parser.add_argument("--learning-rate", type=float, help="stages 2-3 (default 2e-4)")
+    parser.add_argument(
+        "--mask-reference-mouth",
+        action="store_true",
+        help="hide the portrait's mouth from the reference-latent injection (behaviour.mask_reference_mouth); "
+        "tried once, not in the shipped model (see its model card)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="data preparation processes")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -352,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     if not (vae_dir / "model_index.json").is_file():
         torch.manual_seed(0)
         pipe = build_pipeline(copy.deepcopy(SMALL))
-        pipe.register_to_config(behaviour=replace(pipe.behaviour, **SMALL_BEHAVIOUR).to_config())
+        switches = behaviour_switches(args)
+        pipe.register_to_config(behaviour=replace(pipe.behaviour, **switches).to_config())
         mse = fit_vae(pipe.vae, [clips, photos], args.vae_steps)
         (work / "vae.json").write_text(
             json.dumps({"mse": mse, "scaling_factor": pipe.vae.config.scaling_factor})
@@ -408,10 +413,16 @@ def export(pipe: EmoPipeline, stage_pipeline: Path, out: Path) -> None:
     logger.info("small model -> %s", out)
 
 
-def with_small_layout(source: Path, out: Path) -> Path:
+def behaviour_switches(args) -> dict:
+    """The pipeline switches (`pipeline.behaviour`) the command line turns on."""
+    return {"mask_reference_mouth": True} if args.mask_reference_mouth else {}
+
+
+def with_small_layout(source: Path, out: Path, switches: dict | None = None) -> Path:
     """`source` made to the current small layout, saved to `out` (done once): a reference-latent injection (as
     `SMALL`'s) added to its backbone, zero-initialised so that the model predicts what it did, and
-    `SMALL_BEHAVIOUR` switched on; `source` itself when it has both already."""
+    the behaviour `switches` turned on (those already on stay on); `source` itself when it has both."""
+    switches = switches or {}
     from pipeline.models import EmoUNet3DModel
 
     def is_current(folder: Path) -> bool:
@@ -419,7 +430,7 @@ def with_small_layout(source: Path, out: Path) -> Path:
         behaviour = Behaviour.from_config(index.get("behaviour"))
         return bool(
             EmoUNet3DModel.load_config(folder / "denoising_unet").get("reference_latent_channels")
-        ) and (behaviour == replace(behaviour, **SMALL_BEHAVIOUR))
+        ) and (behaviour == replace(behaviour, **switches))
 
     if is_current(source):
         return source  # checked first: a later source that has it is never swapped for an older cached one
@@ -437,7 +448,7 @@ def with_small_layout(source: Path, out: Path) -> Path:
             raise SystemExit(f"--continue-from {source}: its backbone's weights do not fit its own config")
         pipe.register_modules(denoising_unet=new)
         logger.info("added the reference-latent injection (%d channels) to %s", channels, source)
-    pipe.register_to_config(behaviour=replace(pipe.behaviour, **SMALL_BEHAVIOUR).to_config())
+    pipe.register_to_config(behaviour=replace(pipe.behaviour, **switches).to_config())
     pipe.save_pretrained(out)
     logger.info("%s in the current small layout -> %s", source, out)
     return out
@@ -450,7 +461,7 @@ def continue_training(args, work: Path, clips: Path, photos: Path, options: dict
     source = args.continue_from.resolve()
     if not (source / "model_index.json").is_file():
         raise SystemExit(f"--continue-from {source}: not a model folder (no model_index.json)")
-    previous = with_small_layout(source, work / "init_continued")
+    previous = with_small_layout(source, work / "init_continued", behaviour_switches(args))
     stages = ((1, args.stage1_steps or 0), (2, args.stage2_steps), (3, args.stage3_steps))
     for stage, steps in stages:
         if steps == 0:
