@@ -741,18 +741,12 @@ class EmoPipeline(DiffusionPipeline):
             region_masks = {"full": found.full, "face": found.face, "lip": found.lip}
         mask = self.prepare_face_mask(face_mask, reference_pil, height, width, device)
         identity = self.encode_identity(face_embedding, original, device)
-        injected = (
-            None  # the reference's latents added to every frame (models with reference_latent_channels)
-        )
+        # the reference's latents added to every frame (models with reference_latent_channels)
+        injected = None
         if self.denoising_unet.config.reference_latent_channels:
-            injected = reference_latents
-            mouth = (
-                self.prepare_mouth_mask(reference_pil, device)
-                if self.behaviour.mask_reference_mouth
-                else None
-            )
-            if mouth is not None:
-                injected = hide_mouth(reference_latents, mouth)
+            hide = self.behaviour.mask_reference_mouth
+            mouth = self.prepare_mouth_mask(reference_pil, device) if hide else None
+            injected = reference_latents if mouth is None else hide_mouth(reference_latents, mouth)
         conditions = dict(
             face=self.face_locator(mask),
             identity=identity,
