@@ -205,8 +205,10 @@ def stage_config(
     mouth_weight: float = 4.0,
     motion_dropout: float = 0.2,
     learning_rate: float | None = None,
+    seed: int = 0,
 ) -> dict:
-    """The `training.train` config of one stage; `name` (default "stage<n>") is its folder under `work`."""
+    """The `training.train` config of one stage; `name` (default "stage<n>") is its folder under `work`; stage n
+    trains with seed n + `seed` (the sample order and noise draws)."""
     if stage == 1:
         clip = {"num_frames": 1, "num_motion_frames": 0}
         trainable = ["backbone", "reference_net", "face_locator"]
@@ -243,7 +245,7 @@ def stage_config(
             "mouth_weight": 0.0 if stage == 1 else mouth_weight,
             "ema": True,
             "ema_decay": 0.995,
-            "seed": stage,
+            "seed": stage + seed,
             "condition_dropout": {"reference": 0.05, "audio": 0.1, "motion": motion_dropout},
         },
         "checkpointing": {"every": 100, "keep": 1},
@@ -318,6 +320,13 @@ def main(argv: list[str] | None = None) -> None:
         help="hide the portrait's mouth from the reference-latent injection (behaviour.mask_reference_mouth); "
         "tried once, not in the shipped model (see its model card)",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="stages 2-3 train with seed <stage> + this; give a new one when continuing a continued model, "
+        "so that it does not replay the sample order of the run before",
+    )
     parser.add_argument("--workers", type=int, default=2, help="data preparation processes")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -345,7 +354,10 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     options = dict(
-        mouth_weight=args.mouth_weight, motion_dropout=args.motion_dropout, learning_rate=args.learning_rate
+        mouth_weight=args.mouth_weight,
+        motion_dropout=args.motion_dropout,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
     )
     if args.continue_from is not None:
         continue_training(args, work, clips, photos, options)
