@@ -1,10 +1,12 @@
 """How well a model animates people and sentences it never saw: lip-sync, identity, stability, head speed.
 
     python benchmarks/eval_embedded.py [--model assets/models/emo-small] [--data ../shared/data] [--seconds 3]
+        [--preset P] [--steps N] [--guidance-scale G]
 
 Inputs are the held-out part of `../shared/data` (`training.splits`): the first frame of each held-out real
 clip with the clip's own voice, and the held-out photos with held-out GRID sentences and recordings. Every
-video is made with the model's own default settings and seed 0. Figures (`pipeline.metrics`):
+video is made with seed 0 and the model's own default settings, or the preset, steps and audio guidance given
+(the figures of other settings, e.g. a stronger audio guidance, against the defaults). Figures (`pipeline.metrics`):
 - lip-sync: correlation of the mouth opening with the loudness, per video, next to the same measure on the
   real held-out clips (the ceiling of this measure);
 - identity: the 32x32 colour distance of each video's frames to every portrait; "nearest" is the share of
@@ -95,7 +97,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--max-cases", type=int, default=0, help="first N cases only (a quick check)")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "eval")
+    parser.add_argument("--preset", help="a generation preset instead of the model's own default")
+    parser.add_argument("--steps", type=int, help="denoising steps instead of the model's (or preset's)")
+    parser.add_argument("--guidance-scale", type=float, help="audio guidance instead of the model's")
     args = parser.parse_args(argv)
+    settings = {
+        key: value
+        for key, value in (
+            ("preset", args.preset),
+            ("num_inference_steps", args.steps),
+            ("guidance_scale", args.guidance_scale),
+        )
+        if value is not None
+    }
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = EmoPipeline.from_pretrained(args.model)
@@ -126,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, portrait, audio, real in cases:
         started = time.time()
         frames = pipe(
-            portrait, audio, sampling_rate=SR, output_type="np", generator=torch.manual_seed(0)
+            portrait, audio, sampling_rate=SR, output_type="np", generator=torch.manual_seed(0), **settings
         ).frames
         seconds_spent += time.time() - started
         seconds_of_video += len(audio) / SR
@@ -143,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     grid_results = []
     for name, portrait, audio, real in grid_cases:
         frames = pipe(
-            portrait, audio, sampling_rate=SR, output_type="np", generator=torch.manual_seed(0)
+            portrait, audio, sampling_rate=SR, output_type="np", generator=torch.manual_seed(0), **settings
         ).frames
         row = {"case": name, "lipsync_r": lipsync_correlation(frames, audio, SR, 25.0)}
         grid_results.append(row | real_figures(frames, real, audio))
@@ -168,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
             head_speed=speed,
             output_type="np",
             generator=torch.manual_seed(0),
+            **settings,
         ).frames
         poses = head_poses([(f * 255).astype(np.uint8) for f in frames])
         found = sum(pose is not None for pose in poses)
@@ -188,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": str(args.model),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "size": size,
-        "defaults": pipe.resolved_defaults(),
+        "defaults": pipe.resolved_defaults(**settings),
         "cases": len(cases),
         "lipsync_r": mean("lipsync_r"),
         "lipsync_r_clip_portraits": float(

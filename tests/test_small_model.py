@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from training.config import config_from_dict
 from training.small_model import main, stage_config
@@ -35,3 +37,61 @@ def test_continuing_from_a_folder_that_is_not_a_model_is_a_clear_error(tmp_path,
     monkeypatch.setattr("training.mouth.measure_clips", lambda clips: None)
     with pytest.raises(SystemExit, match=r"--continue-from .*nothing: not a model folder"):
         main(["--work", str(tmp_path / "work"), "--continue-from", str(tmp_path / "nothing")])
+
+
+def test_reconstruction_loss_weights_the_mouth_region_only_when_asked():
+    from training.small_model import reconstruction_loss
+
+    target = torch.zeros(1, 3, 4, 4)
+    recon = torch.zeros(1, 3, 4, 4)
+    recon[..., 0, 0] = 0.5  # an error inside the mouth
+    recon[..., 3, 3] = 0.5  # the same error outside it
+    mouth = torch.zeros(1, 1, 4, 4)
+    mouth[..., :2, :2] = 1.0  # 4 of 16 pixels
+    per_pixel = 0.5**2 + 0.5
+    plain = reconstruction_loss(recon, target)
+    assert plain.item() == pytest.approx(2 * per_pixel / 16)
+    assert reconstruction_loss(recon, target, mouth, 0.0).item() == pytest.approx(plain.item())
+    weighted = reconstruction_loss(recon, target, mouth, 3.0)  # weights 4 (mouth) and 1; mean weight 1.75
+    assert weighted.item() == pytest.approx((4 * per_pixel + per_pixel) / 16 / 1.75)
+    recon[..., 0, 0] = 0.0  # the mouth error alone now counts 4x the outside one
+    outside_only = reconstruction_loss(recon, target, mouth, 3.0).item()
+    assert outside_only == pytest.approx(per_pixel / 16 / 1.75)
+
+
+def test_a_finished_model_gets_a_mouth_weighted_decoder_and_keeps_everything_else(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import training.small_model as small_model
+    from pipeline import build_pipeline
+    from training import synthetic
+    from training.prepare import PrepareOptions, prepare
+
+    torch.set_num_threads(1)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    synthetic.write_talking_video(videos / "alice.mp4", seconds=1.2, fps=25, seed=0)
+    clips = tmp_path / "clips"
+    prepare(videos, clips, PrepareOptions(fps=25, size=32, clip_length=20, min_clip_length=12), workers=1)
+    source = tmp_path / "finished"
+    torch.manual_seed(0)
+    build_pipeline("tiny").save_pretrained(source)
+    monkeypatch.setattr(small_model, "prepare_data", lambda *args: (clips, clips))
+    monkeypatch.setattr("training.mouth.measure_clips", lambda clips: None)
+    work, out = tmp_path / "work", tmp_path / "out"
+    argv = ["--work", str(work), "--continue-from", str(source), "--out", str(out), "--stage2-steps", "0",
+            "--stage3-steps", "0", "--refine-decoder", "--decoder-steps", "2", "--decoder-mouth-weight", "10"]  # fmt: skip
+    main(argv)
+
+    record = json.loads((work / "vae_decoder_continued.json").read_text())
+    assert record["steps"] == 2 and record["mouth_weight"] == 10.0 and record["mse"] > 0
+    before = load_file(source / "vae" / "diffusion_pytorch_model.safetensors")
+    after = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    assert any(k.startswith("decoder.") for k in changed)
+    unet = "denoising_unet/diffusion_pytorch_model.safetensors"
+    assert all(torch.equal(v, load_file(out / unet)[k]) for k, v in load_file(source / unet).items())
+    with pytest.raises(SystemExit, match="--out .* is the --continue-from model"):
+        main([*argv[:4], "--out", str(source), *argv[6:]])

@@ -108,37 +108,60 @@ def prepare_data(data: Path, work: Path, grid_every: int, workers: int) -> tuple
 
 
 # ------------------------------------------------------------------------------------------------ 3. vae
-def _frame_pool(roots: list[Path], seed: int) -> torch.Tensor:
-    """Three random frames per clip of `roots`, (n, 3, R, R) in [-1, 1]."""
+def _frame_pool(roots: list[Path], seed: int, with_mouth: bool = False):
+    """Three random frames per clip of `roots`, (n, 3, R, R) in [-1, 1]; with `with_mouth` also their mouth
+    regions (n, 1, R, R) in {0, 1} (`pipeline.face.mouth_mask` of the face box)."""
     dataset = EmoDataset([str(r) for r in roots], RESOLUTION, seed=seed)
     order = np.random.default_rng(seed).permutation(len(dataset) * 3) % len(dataset)
-    return torch.stack([dataset[int(i)]["pixel_values"][0] for i in order])
+    samples = [dataset[int(i)] for i in order]
+    frames = torch.stack([s["pixel_values"][0] for s in samples])
+    if not with_mouth:
+        return frames
+    return frames, torch.stack([s["mouth_mask"].float() for s in samples])
+
+
+def reconstruction_loss(
+    recon: torch.Tensor, target: torch.Tensor, mouth: torch.Tensor | None = None, mouth_weight: float = 0.0
+) -> torch.Tensor:
+    """MSE + L1 of a reconstruction, each pixel weighted 1 + `mouth_weight` inside the `mouth` region
+    (b, 1, H, W) (the mean weight is divided out, so the unweighted pixels keep their scale)."""
+    if mouth is None or not mouth_weight:
+        return torch.nn.functional.mse_loss(recon, target) + (recon - target).abs().mean()
+    error = (recon - target) ** 2 + (recon - target).abs()
+    weight = 1.0 + mouth_weight * mouth
+    return (error * weight).mean() / weight.mean()
 
 
 def _train_autoencoder(
     vae, pool: torch.Tensor, params: list, steps: int, batch_size: int, lr: float, seed: int,
-    train_encoder: bool, crop_fraction: float = 0.0, name: str = "vae",
+    train_encoder: bool, crop_fraction: float = 0.0, name: str = "vae", mouths: torch.Tensor | None = None,
+    mouth_weight: float = 0.0,
 ) -> float:  # fmt: skip
-    """Reconstruction training of `params` (L1 + MSE, plus a tiny KL when the encoder trains) on random
-    batches of `pool`, mirrored every other step; the first `crop_fraction` of the steps see random 64 px
-    crops (the VAE is convolutional: 4x cheaper). Returns the last reconstruction MSE."""
+    """Reconstruction training of `params` (`reconstruction_loss`: L1 + MSE, the `mouths` regions of `pool`
+    weighted by 1 + `mouth_weight`, plus a tiny KL when the encoder trains) on random batches of `pool`,
+    mirrored every other step; the first `crop_fraction` of the steps see random 64 px crops (the VAE is
+    convolutional: 4x cheaper). Returns the last reconstruction MSE."""
     optimizer = torch.optim.AdamW(params, lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
     generator = torch.Generator().manual_seed(seed)
     mse = torch.tensor(float("nan"))
     for step in range(steps):
-        batch = pool[torch.randint(0, len(pool), (batch_size,), generator=generator)]
+        chosen = torch.randint(0, len(pool), (batch_size,), generator=generator)
+        batch = pool[chosen]
+        mouth = mouths[chosen] if mouths is not None else None
         if step < crop_fraction * steps:
             y, x = torch.randint(0, RESOLUTION - 64 + 1, (2,), generator=generator).tolist()
             batch = batch[..., y : y + 64, x : x + 64]
+            mouth = mouth[..., y : y + 64, x : x + 64] if mouth is not None else None
         if step % 2:
             batch = batch.flip(-1)
+            mouth = mouth.flip(-1) if mouth is not None else None
         with torch.set_grad_enabled(train_encoder):
             posterior = vae.encode(batch).latent_dist
             latents = posterior.sample(generator)
         recon = vae.decode(latents).sample
         mse = torch.nn.functional.mse_loss(recon, batch)
-        loss = mse + (recon - batch).abs().mean()
+        loss = reconstruction_loss(recon, batch, mouth, mouth_weight)
         if train_encoder:
             loss = loss + 1e-6 * posterior.kl().mean()
         loss.backward()
@@ -167,30 +190,42 @@ def fit_vae(
     return mse
 
 
-def refine_decoder(vae, roots: list[Path], steps: int, batch_size: int = 8, lr: float = 5e-4) -> float:
-    """Train the VAE's decoder further with its encoder frozen -> final reconstruction MSE of whole frames.
+def refine_decoder(
+    vae, roots: list[Path], steps: int, batch_size: int = 8, lr: float = 5e-4, mouth_weight: float = 0.0
+) -> float:
+    """Train the VAE's decoder further with its encoder frozen -> final reconstruction MSE of whole frames;
+    `mouth_weight`: extra loss weight of the mouth region.
 
     The latent space (the encoder) stays the one the stages were trained in, so a sharper decoder can
     replace the old one in a trained pipeline; it runs alongside the stages."""
-    pool = _frame_pool(roots, seed=1)
+    pool, mouths = _frame_pool(roots, seed=1, with_mouth=True)
     vae.requires_grad_(False)
     vae.decoder.train().requires_grad_(True)
     vae.post_quant_conv.requires_grad_(True)
     params = [p for p in vae.parameters() if p.requires_grad]
     return _train_autoencoder(vae, pool, params, steps, batch_size, lr, seed=1, train_encoder=False,
-                              name="decoder")  # fmt: skip
+                              name="decoder", mouths=mouths, mouth_weight=mouth_weight)  # fmt: skip
 
 
-def refined_vae(work: Path, vae_dir: Path, roots: list[Path], steps: int) -> Path:
-    """`work/vae_decoder`: the fitted VAE with its decoder trained `steps` more (done once)."""
+def refined_vae(
+    work: Path,
+    vae_dir: Path,
+    roots: list[Path],
+    steps: int,
+    mouth_weight: float = 0.0,
+    name: str = "vae_decoder",
+) -> Path:
+    """`work/<name>`: the VAE of the pipeline `vae_dir` with its decoder trained `steps` more (done once)."""
     from diffusers import AutoencoderKL
 
-    out = work / "vae_decoder"
+    out = work / name
     if not (out / "config.json").is_file():
         vae = AutoencoderKL.from_pretrained(vae_dir / "vae")
-        mse = refine_decoder(vae, roots, steps)
+        mse = refine_decoder(vae, roots, steps, mouth_weight=mouth_weight)
         vae.save_pretrained(out)
-        (work / "vae_decoder.json").write_text(json.dumps({"mse": mse, "steps": steps}))
+        (work / f"{name}.json").write_text(
+            json.dumps({"mse": mse, "steps": steps, "mouth_weight": mouth_weight})
+        )
     return out
 
 
@@ -294,6 +329,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stage3-steps", type=int, default=200)
     parser.add_argument(
         "--decoder-steps", type=int, default=1500, help="VAE decoder refinement (frozen encoder)"
+    )
+    parser.add_argument(
+        "--decoder-mouth-weight",
+        type=float,
+        default=0.0,
+        help="extra loss weight of the mouth region in the decoder refinement",
+    )
+    parser.add_argument(
+        "--refine-decoder",
+        action="store_true",
+        help="with --continue-from: train the kept decoder --decoder-steps more (with --decoder-mouth-weight) "
+        "before the export; the encoder, so the latent space, stays",
     )
     parser.add_argument(
         "--stop-after", choices=["data", "mouth", "vae", "audio", "stage1", "stage2", "stage3"]
@@ -405,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
             return
 
     started = time.time()
-    decoder = refined_vae(work, vae_dir, [clips, photos], args.decoder_steps)
+    decoder = refined_vae(work, vae_dir, [clips, photos], args.decoder_steps, args.decoder_mouth_weight)
     done("decoder", started)
 
     from diffusers import AutoencoderKL
@@ -415,13 +462,17 @@ def main(argv: list[str] | None = None) -> None:
     )
 
 
-def export(pipe: EmoPipeline, stage_pipeline: Path, out: Path) -> None:
-    """Write the small model to `out` with its generation defaults and the last stage's training config."""
+def export(pipe: EmoPipeline, stage_pipeline: Path, out: Path, config_from: Path | None = None) -> None:
+    """Write the small model to `out` with its generation defaults and the training config of the last stage
+    (`stage_pipeline`'s, else `config_from`'s: the continued model's when no stage ran)."""
     pipe.register_generation_defaults(**GENERATION_DEFAULTS)
     if out.exists():
         shutil.rmtree(out)
     pipe.save_pretrained(out)
-    shutil.copy(stage_pipeline / "training_config.yaml", out / "training_config.yaml")
+    for folder in (stage_pipeline, config_from):
+        if folder is not None and (folder / "training_config.yaml").is_file():
+            shutil.copy(folder / "training_config.yaml", out / "training_config.yaml")
+            break
     logger.info("small model -> %s", out)
 
 
@@ -473,6 +524,10 @@ def continue_training(args, work: Path, clips: Path, photos: Path, options: dict
     source = args.continue_from.resolve()
     if not (source / "model_index.json").is_file():
         raise SystemExit(f"--continue-from {source}: not a model folder (no model_index.json)")
+    if args.out.resolve() == source:
+        raise SystemExit(
+            f"--out {args.out} is the --continue-from model: write the new model to another folder"
+        )
     previous = with_small_layout(source, work / "init_continued", behaviour_switches(args))
     stages = ((1, args.stage1_steps or 0), (2, args.stage2_steps), (3, args.stage3_steps))
     for stage, steps in stages:
@@ -488,7 +543,17 @@ def continue_training(args, work: Path, clips: Path, photos: Path, options: dict
         if args.stop_after == f"stage{stage}":
             return
     # the export stage folders hold the source's VAE (training freezes it): the refined decoder stays
-    export(EmoPipeline.from_pretrained(previous), previous, args.out)
+    vae = None
+    if args.refine_decoder:
+        from diffusers import AutoencoderKL
+
+        started = time.time()
+        folder = refined_vae(work, source, [clips, photos], args.decoder_steps, args.decoder_mouth_weight,
+                             name="vae_decoder_continued")  # fmt: skip
+        logger.info("decoder (continued): %.1f min", (time.time() - started) / 60)
+        vae = AutoencoderKL.from_pretrained(folder)
+    pipe = EmoPipeline.from_pretrained(previous, **({"vae": vae} if vae is not None else {}))
+    export(pipe, previous, args.out, config_from=source)
 
 
 if __name__ == "__main__":
