@@ -1,7 +1,7 @@
 """How well a model animates people and sentences it never saw: lip-sync, identity, stability, head speed.
 
     python benchmarks/eval_embedded.py [--model assets/models/emo-small] [--data ../shared/data] [--seconds 3]
-        [--preset P] [--steps N] [--guidance-scale G]
+        [--preset P] [--steps N] [--guidance-scale G] [--vae-only]
 
 Inputs are the held-out part of `../shared/data` (`training.splits`): the first frame of each held-out real
 clip with the clip's own voice, and the held-out photos with held-out GRID sentences and recordings. Every
@@ -14,7 +14,9 @@ video is made with seed 0 and the model's own default settings, or the preset, s
   SSIM at full resolution (structure: a blurry generic face in the portrait's colours scores low);
 - mouth motion: the spread (standard deviation) of the generated mouth opening over the real clip's, for the
   held-out clips and for 3 held-out GRID sentences animated from their own first frame (GRID's speaker was
-  seen in training, the sentences were not): lip-sync r can be high while the mouth barely moves;
+  seen in training, the sentences were not): lip-sync r can be high while the mouth barely moves; next to
+  it the same ratio of the real clip passed through the model's VAE (encoded and decoded): the most mouth
+  motion its latents and decoder can show;
 - stability: mean frame-to-frame change, generated and real;
 - head speed: measured head rotation (degrees/frame) of one portrait animated at head_speed 0.2 and 1.5, with
   the share of frames where MediaPipe found a pose (NaN with fewer than two: no measurement);
@@ -80,6 +82,45 @@ def real_figures(frames: np.ndarray, real: np.ndarray, audio: np.ndarray) -> dic
     }
 
 
+def vae_round_trip(pipe: EmoPipeline, frames: np.ndarray) -> np.ndarray:
+    """The real frames (f, H, W, 3) uint8 encoded and decoded by the model's VAE: what its latents can show."""
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.no_grad():
+        y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
+    return ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def vae_ceiling(pipe: EmoPipeline, model: str, cases: list, grid_cases: list) -> dict:
+    """`--vae-only`: the mouth motion ratio and lip-sync r of the real held-out clips after the VAE round trip,
+    appended to results_eval.jsonl as a "vae_round_trip" line."""
+    rows = {}
+    for group, chosen in (("clips", cases), ("grid", grid_cases)):
+        figures = []
+        for name, _, audio, real in chosen:
+            passed = vae_round_trip(pipe, real)
+            row = {"case": name, "lipsync_r": lipsync_correlation(passed, audio, SR, 25.0)}
+            figures.append(row | real_figures(passed, real, audio))
+            print(json.dumps(figures[-1]), flush=True)
+        rows[group] = figures
+    summary = {
+        "date": str(date.today()),
+        "model": str(model),
+        "kind": "vae_round_trip",
+        "vae_mouth_motion_ratio": float(np.nanmean([r["mouth_motion_ratio"] for r in rows["clips"]])),
+        "vae_lipsync_r": float(np.nanmean([r["lipsync_r"] for r in rows["clips"]])),
+        "real_lipsync_r": float(np.nanmean([r["real_lipsync_r"] for r in rows["clips"]])),
+        "grid_vae_mouth_motion_ratio": float(np.nanmean([r["mouth_motion_ratio"] for r in rows["grid"]])),
+        "grid_vae_lipsync_r": float(np.nanmean([r["lipsync_r"] for r in rows["grid"]])),
+        "grid_real_lipsync_r": float(np.nanmean([r["real_lipsync_r"] for r in rows["grid"]])),
+        "per_case": rows["clips"],
+        "grid_cases": rows["grid"],
+    }
+    with open(ROOT / "benchmarks" / "results_eval.jsonl", "a") as f:
+        f.write(json.dumps(summary) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("per_case", "grid_cases")}, indent=1))
+    return summary
+
+
 def identity_scores(videos: list, portraits: list, distance) -> tuple[float, float, float]:
     """(mean distance of each video to its own portrait, share of videos nearest to their own portrait, mean
     gap to the nearest other portrait), over every 5th frame."""
@@ -100,6 +141,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--preset", help="a generation preset instead of the model's own default")
     parser.add_argument("--steps", type=int, help="denoising steps instead of the model's (or preset's)")
     parser.add_argument("--guidance-scale", type=float, help="audio guidance instead of the model's")
+    parser.add_argument(
+        "--vae-only",
+        action="store_true",
+        help="only the real held-out clips through the model's VAE: the mouth motion its latents can show",
+    )
     args = parser.parse_args(argv)
     settings = {
         key: value
@@ -136,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     for path in heldout_files(args.data, "grid_s1", (".mp4",))[:3]:
         frames, audio = real_clip(path, args.seconds, size)
         grid_cases.append((path.stem, frames[0], audio, frames))
+    if args.vae_only:
+        return vae_ceiling(pipe, args.model, [c for c in cases if c[3] is not None], grid_cases)
     results, videos, seconds_of_video, seconds_spent = [], [], 0.0, 0.0
     for name, portrait, audio, real in cases:
         started = time.time()
@@ -151,6 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
         }
         if real is not None:
             row |= real_figures(frames, real, audio)
+            row["vae_mouth_motion_ratio"] = real_figures(vae_round_trip(pipe, real), real, audio)[
+                "mouth_motion_ratio"
+            ]
         results.append(row)
         videos.append(frames)
         print(json.dumps(row), flush=True)
@@ -160,6 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
             portrait, audio, sampling_rate=SR, output_type="np", generator=torch.manual_seed(0), **settings
         ).frames
         row = {"case": name, "lipsync_r": lipsync_correlation(frames, audio, SR, 25.0)}
+        row["vae_mouth_motion_ratio"] = real_figures(vae_round_trip(pipe, real), real, audio)[
+            "mouth_motion_ratio"
+        ]
         grid_results.append(row | real_figures(frames, real, audio))
         print(json.dumps(grid_results[-1]), flush=True)
 
@@ -214,6 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
         "grid_lipsync_r": mean("lipsync_r", grid_results),
         "grid_real_lipsync_r": mean("real_lipsync_r", grid_results),
         "grid_mouth_motion_ratio": mean("mouth_motion_ratio", grid_results),
+        "vae_mouth_motion_ratio": mean("vae_mouth_motion_ratio"),
+        "grid_vae_mouth_motion_ratio": mean("vae_mouth_motion_ratio", grid_results),
         "identity_nearest": nearest,
         "identity_margin": margin,
         "identity_ssim": 1.0 - ssim_distance,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,3 +96,31 @@ def test_a_finished_model_gets_a_mouth_weighted_decoder_and_keeps_everything_els
     assert all(torch.equal(v, load_file(out / unet)[k]) for k, v in load_file(source / unet).items())
     with pytest.raises(SystemExit, match="--out .* is the --continue-from model"):
         main([*argv[:4], "--out", str(source), *argv[6:]])
+
+
+def test_the_4x_latent_layout_doubles_the_latent_side_and_generates(monkeypatch):
+    from pipeline import build_pipeline
+    from training.small_model import RESOLUTION, small_config
+
+    torch.set_num_threads(1)
+    assert small_config() == small_config(8) and small_config(8)["vae"]["block_out_channels"] == (
+        16,
+        32,
+        64,
+        64,
+    )
+    with pytest.raises(ValueError, match="latent_scale 2"):
+        small_config(2)
+    torch.manual_seed(0)
+    pipe = build_pipeline(small_config(4))
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, RESOLUTION, RESOLUTION) * 2 - 1
+    latents = pipe.vae.encode(image).latent_dist.mode()
+    assert latents.shape == (1, 8, RESOLUTION // 4, RESOLUTION // 4)
+    assert pipe.face_locator(torch.ones(1, 1, RESOLUTION, RESOLUTION)).shape[-2:] == latents.shape[-2:]
+    audio = np.random.default_rng(0).standard_normal(16_000 // 5).astype(np.float32) * 0.1
+    frames = pipe(
+        np.full((RESOLUTION, RESOLUTION, 3), 128, np.uint8), audio, sampling_rate=16_000, num_inference_steps=1,
+        clip_length=4, num_motion_frames=2, output_type="np", face_mask=np.ones((RESOLUTION, RESOLUTION), np.float32),
+    ).frames  # fmt: skip
+    assert frames.shape == (5, RESOLUTION, RESOLUTION, 3) and np.isfinite(frames).all()

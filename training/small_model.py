@@ -9,7 +9,7 @@ from their last checkpoint, so the same command continues after an interruption 
    every `--grid-every`-th GRID sentence, the real and generated talking clips -> 128 px face-crop clips
    (`training.prepare`); the face photos -> augmented pseudo-clips for stage 1 (`training.photos`);
 2. mouth: the lip gap measured with MediaPipe on every prepared frame (`training.mouth`);
-3. vae: an 8x-downsampling VAE fitted as an autoencoder on the frames and photos, frozen afterwards;
+3. vae: an 8x-downsampling VAE (4x with `--latent-scale 4`) fitted as an autoencoder on the frames and photos, frozen afterwards;
 4. audio: a log-mel audio encoder pretrained to predict the measured mouth opening, frozen afterwards;
 5. stage 1 (images: ReferenceNet, backbone, face locator), stage 2 (clips with audio: + temporal and
    audio layers, mouth-weighted loss), stage 3 (speed layers on the measured head speed) with `training.train`;
@@ -79,6 +79,32 @@ SMALL = {
     "speed_encoder": dict(hidden_dim=64, output_dim=64),
     "face_locator": dict(block_out_channels=(8, 16, 32, 32)),
 }
+
+
+def small_config(latent_scale: int = 8) -> dict:
+    """The small model's sizes: `SMALL` (an 8x VAE: 16x16 latents at 128 px, the shipped model), or with
+    `latent_scale` 4 a 4x VAE (32x32 latents, four times the latent pixels of the mouth) and a backbone with a
+    third level, without attention, on the 32x32 latents (a two-level backbone at that size is ~3.5x slower)."""
+    config = copy.deepcopy(SMALL)
+    if latent_scale == 8:
+        return config
+    if latent_scale != 4:
+        raise ValueError(f"latent_scale {latent_scale}: the small model has a 4x or 8x VAE")
+    config["vae"] |= dict(
+        block_out_channels=(16, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+    )
+    config["unet"] |= dict(
+        sample_size=RESOLUTION // 4,
+        block_out_channels=(32, 64, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    config["face_locator"] = dict(block_out_channels=(8, 16, 32))
+    return config
+
+
 # the model's own settings, saved in its model_index.json (see benchmarks/bench_presets.py for the choice)
 GENERATION_DEFAULTS = dict(clip_length=CLIP_LENGTH, num_motion_frames=MOTION_FRAMES, fps=25.0, preset="fast")
 
@@ -320,6 +346,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/emo-small"), help="intermediate results")
     parser.add_argument("--out", type=Path, default=Path("assets/models/emo-small"))
     parser.add_argument("--grid-every", type=int, default=3, help="use every n-th GRID sentence")
+    parser.add_argument(
+        "--latent-scale",
+        type=int,
+        choices=(8, 4),
+        default=8,
+        help="the VAE's downsampling (`small_config`): 8 as the shipped model, 4 for 32x32 latents (fresh runs)",
+    )
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--audio-steps", type=int, default=800)
     parser.add_argument(
@@ -414,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     if not (vae_dir / "model_index.json").is_file():
         torch.manual_seed(0)
-        pipe = build_pipeline(copy.deepcopy(SMALL))
+        pipe = build_pipeline(small_config(args.latent_scale))
         switches = behaviour_switches(args)
         pipe.register_to_config(behaviour=replace(pipe.behaviour, **switches).to_config())
         mse = fit_vae(pipe.vae, [clips, photos], args.vae_steps)
