@@ -124,3 +124,17 @@ def test_the_4x_latent_layout_doubles_the_latent_side_and_generates(monkeypatch)
         clip_length=4, num_motion_frames=2, output_type="np", face_mask=np.ones((RESOLUTION, RESOLUTION), np.float32),
     ).frames  # fmt: skip
     assert frames.shape == (5, RESOLUTION, RESOLUTION, 3) and np.isfinite(frames).all()
+
+
+def test_a_work_folder_of_one_latent_scale_is_not_continued_at_another(tmp_path, monkeypatch):
+    import training.small_model as small_model
+    from pipeline import build_pipeline
+
+    work = tmp_path / "work"
+    build_pipeline(small_model.small_config(8)).save_pretrained(work / "init_vae")
+    monkeypatch.setattr(small_model, "prepare_data", lambda *args: (tmp_path / "clips", tmp_path / "photos"))
+    monkeypatch.setattr("training.mouth.measure_clips", lambda clips: None)
+    with pytest.raises(
+        SystemExit, match="whose VAE downsamples 8x: give --latent-scale 8, or another --work"
+    ):
+        main(["--work", str(work), "--latent-scale", "4"])

@@ -9,7 +9,8 @@ from their last checkpoint, so the same command continues after an interruption 
    every `--grid-every`-th GRID sentence, the real and generated talking clips -> 128 px face-crop clips
    (`training.prepare`); the face photos -> augmented pseudo-clips for stage 1 (`training.photos`);
 2. mouth: the lip gap measured with MediaPipe on every prepared frame (`training.mouth`);
-3. vae: an 8x-downsampling VAE (4x with `--latent-scale 4`) fitted as an autoencoder on the frames and photos, frozen afterwards;
+3. vae: an 8x-downsampling VAE (4x with `--latent-scale 4`) fitted as an autoencoder on the frames and
+   photos, frozen afterwards;
 4. audio: a log-mel audio encoder pretrained to predict the measured mouth opening, frozen afterwards;
 5. stage 1 (images: ReferenceNet, backbone, face locator), stage 2 (clips with audio: + temporal and
    audio layers, mouth-weighted loss), stage 3 (speed layers on the measured head speed) with `training.train`;
@@ -445,6 +446,13 @@ def main(argv: list[str] | None = None) -> None:
 
     vae_dir = work / "init_vae"
     started = time.time()
+    if (vae_dir / "vae" / "config.json").is_file():
+        blocks = json.loads((vae_dir / "vae" / "config.json").read_text())["block_out_channels"]
+        if 2 ** (len(blocks) - 1) != args.latent_scale:
+            raise SystemExit(
+                f"--work {work} holds a model whose VAE downsamples {2 ** (len(blocks) - 1)}x: give --latent-scale "
+                f"{2 ** (len(blocks) - 1)}, or another --work for --latent-scale {args.latent_scale}"
+            )
     if not (vae_dir / "model_index.json").is_file():
         torch.manual_seed(0)
         pipe = build_pipeline(small_config(args.latent_scale))
