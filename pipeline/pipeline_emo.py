@@ -62,11 +62,18 @@ GENERATION_DEFAULT_KEYS = tuple(EMO_GENERATION_DEFAULTS)
 
 
 def resolve_settings(model_defaults: dict | None, **arguments) -> dict:
-    """Generation settings: the arguments that are not None > a model's `generation_defaults` > EMO's; a
-    preset in effect (given or the model's) sets the number of steps unless `num_inference_steps` is given."""
+    """Generation settings: the arguments that are not None > a model's `generation_defaults` > EMO's.
+
+    A preset in effect sets the number of steps unless `num_inference_steps` is given, with one exception: a
+    model whose defaults name both a preset and a number of steps runs its preset at its own number (a small
+    model tuned, say, to 8 steps of `fast`) as long as the caller does not choose another preset."""
+    model_defaults = model_defaults or {}
     given = {k: v for k, v in arguments.items() if v is not None}
-    settings = {**EMO_GENERATION_DEFAULTS, **(model_defaults or {}), **given}
-    if settings["preset"] is not None and "num_inference_steps" not in given:
+    settings = {**EMO_GENERATION_DEFAULTS, **model_defaults, **given}
+    model_steps = (
+        "preset" not in given and "preset" in model_defaults and "num_inference_steps" in model_defaults
+    )
+    if settings["preset"] is not None and "num_inference_steps" not in given and not model_steps:
         settings["num_inference_steps"] = get_preset(settings["preset"]).num_inference_steps
     return settings
 

@@ -47,6 +47,12 @@ def test_resolution_order():
     assert resolve_settings({"preset": "fast"}, num_inference_steps=7)["num_inference_steps"] == 7
     assert resolve_settings({"num_inference_steps": 30})["num_inference_steps"] == 30
     assert resolve_settings({"num_inference_steps": 30}, preset="quality")["num_inference_steps"] == 40
+    # a model tuned to its own number of steps of a preset keeps them, until the caller picks a preset
+    tuned = {"preset": "fast", "num_inference_steps": 8}
+    assert resolve_settings(tuned)["num_inference_steps"] == 8
+    assert resolve_settings(tuned, preset="fast")["num_inference_steps"] == 10
+    assert resolve_settings(tuned, preset="balanced")["num_inference_steps"] == 20
+    assert resolve_settings(tuned, num_inference_steps=5)["num_inference_steps"] == 5
 
 
 def test_app_settings_take_the_preset():
