@@ -4,7 +4,8 @@
 
 One held-out portrait and voice of `../shared/data` (never trained on), seed 0, every preset of
 `pipeline.presets` (and the model's own default when it runs a preset at another number of steps): seconds
-per second of video, speed-up over `quality`, PSNR and SSIM of the frames against `quality`'s, and the lip-sync measure of `pipeline.metrics` for each. Then the app's whole path
+per second of video, speed-up over `quality`, PSNR and SSIM of the frames against `quality`'s, and the
+lip-sync measure of `pipeline.metrics` for each. Then the app's whole path
 (`emo_app.generate`: face crop, generation with the model's own defaults, mp4 with sound) on a 5-second voice
 -- the embedded model's target is 60 s or less on 2 CPU cores. One JSON line per run is appended to
 benchmarks/results_presets.jsonl.

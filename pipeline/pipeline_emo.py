@@ -66,7 +66,7 @@ def resolve_settings(model_defaults: dict | None, **arguments) -> dict:
 
     A preset in effect sets the number of steps unless `num_inference_steps` is given, with one exception: a
     model whose defaults name both a preset and a number of steps runs its preset at its own number (a small
-    model tuned, say, to 8 steps of `fast`) as long as the caller does not choose another preset."""
+    model tuned, say, to 8 steps of `fast`) as long as the caller names no preset."""
     model_defaults = model_defaults or {}
     given = {k: v for k, v in arguments.items() if v is not None}
     settings = {**EMO_GENERATION_DEFAULTS, **model_defaults, **given}
