@@ -448,10 +448,11 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     if (vae_dir / "vae" / "config.json").is_file():
         blocks = json.loads((vae_dir / "vae" / "config.json").read_text())["block_out_channels"]
-        if 2 ** (len(blocks) - 1) != args.latent_scale:
+        held = 2 ** (len(blocks) - 1)  # the VAE's downsampling, as EmoPipeline.vae_scale_factor
+        if held != args.latent_scale:
             raise SystemExit(
-                f"--work {work} holds a model whose VAE downsamples {2 ** (len(blocks) - 1)}x: give --latent-scale "
-                f"{2 ** (len(blocks) - 1)}, or another --work for --latent-scale {args.latent_scale}"
+                f"--work {work} holds a model whose VAE downsamples {held}x: give --latent-scale {held}, "
+                f"or another --work for --latent-scale {args.latent_scale}"
             )
     if not (vae_dir / "model_index.json").is_file():
         torch.manual_seed(0)
