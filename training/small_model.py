@@ -8,7 +8,9 @@ from their last checkpoint, so the same command continues after an interruption 
 1. data: the training part of `--data` (`training.splits` keeps the held-out people and sentences out):
    every `--grid-every`-th GRID sentence, the real and generated talking clips -> 128 px face-crop clips
    (`training.prepare`); the face photos -> augmented pseudo-clips for stage 1 (`training.photos`);
-2. mouth: the lip gap measured with MediaPipe on every prepared frame (`training.mouth`);
+2. mouth: the lip gap measured with MediaPipe on every prepared frame (`training.mouth`); with
+   `--talking-photos N`, N clips per photo whose mouth moves as a real clip's, with its sound
+   (`training.talking_photos`), for stages 2 and 3;
 3. vae: an 8x-downsampling VAE (4x with `--latent-scale 4`) fitted as an autoencoder on the frames and
    photos, frozen afterwards;
 4. audio: a log-mel audio encoder pretrained to predict the measured mouth opening, frozen afterwards;
@@ -408,6 +410,13 @@ def main(argv: list[str] | None = None) -> None:
         help="stages 2-3 train with seed <stage> + this; give a new one when continuing a continued model, "
         "so that it does not replay the sample order of the run before",
     )
+    parser.add_argument(
+        "--talking-photos",
+        type=int,
+        default=0,
+        help="stages 2-3 also train on this many talking-photo clips per photo (`training.talking_photos`: "
+        "the photos' mouths opened as a real clip's, with its sound); 0: none",
+    )
     parser.add_argument("--workers", type=int, default=2, help="data preparation processes")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -431,6 +440,15 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.time()
     measure_clips(clips)
+    talking = []
+    if args.talking_photos:
+        from .talking_photos import make_talking_photos
+
+        talking = [work / "talking_photos"]
+        if not (talking[0] / "DONE").is_file():
+            manifest = make_talking_photos(photos, clips, talking[0], args.talking_photos)
+            logger.info("talking photos: %d clips", manifest["num_clips"])
+            (talking[0] / "DONE").touch()
     if done("mouth", started):
         return
 
@@ -441,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
     )
     if args.continue_from is not None:
-        continue_training(args, work, clips, photos, options)
+        continue_training(args, work, clips, photos, options, talking)
         return
 
     vae_dir = work / "init_vae"
@@ -488,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
     stage1_steps = 1200 if args.stage1_steps is None else args.stage1_steps
     for stage, steps in ((1, stage1_steps), (2, args.stage2_steps), (3, args.stage3_steps)):
         started = time.time()
-        roots = [clips, photos] if stage == 1 else [clips]
+        roots = [clips, photos] if stage == 1 else [clips, *talking]
         previous = run_stage(stage, work, roots, steps, previous, **(options if stage > 1 else {}))
         if done(f"stage{stage}", started):
             return
@@ -559,7 +577,9 @@ def with_small_layout(source: Path, out: Path, switches: dict | None = None) -> 
     return out
 
 
-def continue_training(args, work: Path, clips: Path, photos: Path, options: dict) -> None:
+def continue_training(
+    args, work: Path, clips: Path, photos: Path, options: dict, talking: list[Path] = ()
+) -> None:
     """More training from a finished small model: stage 1 (`--stage1-steps`, default 0 here), stage 2, stage 3;
     its VAE (refined decoder) is kept. A model of an older layout is brought to the current one first
     (`with_small_layout`)."""
@@ -576,7 +596,7 @@ def continue_training(args, work: Path, clips: Path, photos: Path, options: dict
         if steps == 0:
             continue
         started = time.time()
-        roots = [clips, photos] if stage == 1 else [clips]
+        roots = [clips, photos] if stage == 1 else [clips, *talking]
         stage_options = options if stage > 1 else {}
         previous = run_stage(
             stage, work, roots, steps, previous, name=f"stage{stage}_continued", **stage_options

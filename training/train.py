@@ -653,8 +653,10 @@ def train(config: Config, resume: str | None = None) -> dict:
     if config.stage > 1 and config.data.audio_features == "compute":
         audio_dir = output_dir / "audio_features"
         if accelerator.is_main_process:
-            fps = json.loads((Path(config.data.root) / "manifest.json").read_text())["options"]["fps"]
-            compute_audio_features(pipe, config.data.root, audio_dir, fps)
+            roots = config.data.root if isinstance(config.data.root, list) else [config.data.root]
+            for root in roots:
+                fps = json.loads((Path(root) / "manifest.json").read_text())["options"]["fps"]
+                compute_audio_features(pipe, root, audio_dir, fps)
         accelerator.wait_for_everyone()
     dataset = make_dataset(config, pipe, audio_dir)
     sampler = EpochSampler(len(dataset), t.seed)

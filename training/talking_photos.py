@@ -1,0 +1,238 @@
+"""Talking photos: many people's faces with a mouth that moves with a real voice, for stages 2 and 3.
+
+    python -m training.talking_photos --photos runs/emo-small/photos --clips runs/emo-small/data \
+        --out runs/emo-small/talking_photos [--per-photo 3]
+
+The clips give the backbone's audio attention few mouths to learn from: half of them are GRID's one speaker,
+the rest about 28 people. A model trained on them opens the mouths it saw and leaves a new person's mouth
+still. The photos (`training.photos`) have many people but no sound. This module joins the two: each photo
+becomes `per_photo` clips whose mouth opens and closes as the mouth of a real clip did, frame by frame (the
+lip gap MediaPipe measured on it, `training.mouth`), with that clip's own sound. The mouth is opened by an
+image warp on the photo's FaceMesh landmarks: the lower lip and the jaw move down by the opening (fading out
+below the chin and past the mouth corners), and the gap between the lips is filled with the dark inside of a
+mouth, an upper row of teeth when it is wide. Crude next to a real mouth, but it is the one thing the clips
+lack: the same voice-to-mouth timing on many faces. The head stays still (speed 0), as in the photo.
+
+Donor clips are drawn half from GRID and half from the other videos (more voices than GRID's one), and the
+opening follows the donor's measure scaled between its 5th and 95th percentile to a peak of `amplitude` (a
+fraction of the face height, drawn per clip): mouths measured at 128 px differ in scale from person to person,
+and a quiet donor must still give a visible opening.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.metrics import CHIN, FOREHEAD, LOWER_LIP, UPPER_LIP
+
+from .data import read_clips
+from .prepare import PrepareOptions, write_manifest
+
+logger = logging.getLogger("training.talking_photos")
+
+# FaceMesh landmarks: inner mouth corners, outer mouth corners, the lower lip's outer edge
+INNER_LEFT, INNER_RIGHT, OUTER_LEFT, OUTER_RIGHT, LOWER_LIP_OUTER = 78, 308, 61, 291, 17
+MOUTH_INSIDE = np.array([70.0, 25.0, 30.0], np.float32)
+TEETH = np.array([215.0, 205.0, 195.0], np.float32)
+
+
+def face_landmarks(image: np.ndarray) -> np.ndarray | None:
+    """(H, W, 3) uint8 -> (468, 2) FaceMesh landmarks in pixels, or None without a face (small images are
+    measured at 256 px, as FaceMesh misses small faces)."""
+    import cv2
+    import mediapipe as mp
+
+    h, w = image.shape[:2]
+    big = cv2.resize(image, (max(256, w), max(256, h)), interpolation=cv2.INTER_CUBIC)
+    with mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1) as mesh:
+        result = mesh.process(np.ascontiguousarray(big))
+    if not result.multi_face_landmarks:
+        return None
+    return np.array([(p.x * w, p.y * h) for p in result.multi_face_landmarks[0].landmark], np.float32)
+
+
+def open_mouth(image: np.ndarray, landmarks: np.ndarray, opening: float) -> np.ndarray:
+    """The photo with its mouth opened by `opening` pixels more (see the module doc); uint8 in and out."""
+    import cv2
+
+    if opening <= 0:
+        return image.copy()
+    h, w = image.shape[:2]
+    lm = landmarks
+    centre = (lm[INNER_LEFT, 0] + lm[INNER_RIGHT, 0]) / 2
+    inner_half = max(abs(lm[INNER_RIGHT, 0] - lm[INNER_LEFT, 0]) / 2, 1.0)
+    outer_half = max(abs(lm[OUTER_RIGHT, 0] - lm[OUTER_LEFT, 0]) / 2, 1.0)
+    lips = lm[LOWER_LIP, 1]  # the lower lip's inner edge: a mouth already open opens further from there
+    lower_lip, chin = lm[LOWER_LIP_OUTER, 1], lm[CHIN, 1]
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    # across: 1 at the mouth's centre, 0 a little past its outer corners
+    across = 0.5 * (1 + np.cos(np.pi * np.clip(np.abs(xs - centre) / (outer_half * 1.2), 0, 1)))
+    # down: the lower lip moves by the full opening, the jaw below it less and less, nothing well below the chin
+    end = chin + 0.4 * (chin - lower_lip) + opening
+    down = np.where(
+        ys <= lower_lip + opening, 1.0, np.clip((end - ys) / max(end - lower_lip - opening, 1.0), 0, 1)
+    )
+    shift = opening * across * down * (ys >= lips)
+    source_y = np.where(
+        (ys >= lips) & (ys < lips + shift), lips, ys - shift
+    )  # the gap: lip colour, painted over
+    out = cv2.remap(image, xs, source_y.astype(np.float32), cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    # the inside of the mouth: an ellipse between the lips, teeth along the top when it is wide
+    ellipse = np.sqrt(np.clip(1 - ((xs - centre) / inner_half) ** 2, 0, 1))
+    inside = cv2.GaussianBlur(
+        ((ys >= lips) & (ys < lips + 0.95 * shift * ellipse)).astype(np.float32), (0, 0), 0.7
+    )
+    teeth = np.zeros_like(inside)
+    if opening > 3 and lm[LOWER_LIP, 1] - lm[UPPER_LIP, 1] < 1.5:  # a closed mouth shows its upper teeth
+        teeth = cv2.GaussianBlur(
+            ((ys >= lips) & (ys < lips + min(0.3 * opening, 2.5))).astype(np.float32), (0, 0), 0.7
+        )
+    fill = MOUTH_INSIDE * (1 - teeth[..., None]) + TEETH * teeth[..., None]
+    out = out.astype(np.float32) * (1 - inside[..., None]) + fill * inside[..., None]
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def normalised_opening(mouth: np.ndarray) -> np.ndarray:
+    """A video's measured lip gap (NaN where not measured) -> 0 at its 5th percentile, 1 at its 95th (clipped
+    to [0, 1.2]), the gaps filled by interpolation."""
+    mouth = np.asarray(mouth, np.float64)
+    known = np.isfinite(mouth)
+    if known.sum() < 2:
+        raise ValueError("fewer than two measured frames")
+    filled = np.interp(np.arange(len(mouth)), np.flatnonzero(known), mouth[known])
+    low, high = np.percentile(mouth[known], [5, 95])
+    return np.clip((filled - low) / max(high - low, 1e-6), 0.0, 1.2)
+
+
+def donor_clips(clips_root: Path, min_measured: float = 0.5) -> tuple[list, list]:
+    """Clips with sound whose mouth was measured in at least `min_measured` of the frames -> (GRID's, others)."""
+    grid, other = [], []
+    for clip in read_clips(clips_root):
+        folder = clips_root / "videos" / clip.video
+        meta = json.loads((folder / "meta.json").read_text())
+        if not meta.get("audio") or not (folder / "mouth.npy").is_file():
+            continue
+        mouth = np.load(folder / "mouth.npy")[clip.start : clip.start + clip.num_frames]
+        if np.isfinite(mouth).mean() < min_measured:
+            continue
+        (grid if clip.video.startswith("grid") else other).append(clip)
+    return grid, other
+
+
+def make_talking_photo(photo: Path, donor, clips_root: Path, out: Path, name: str, amplitude: float) -> bool:
+    """One photo pseudo-clip folder (`training.photos`) + one donor clip -> `out/videos/name`; False when
+    FaceMesh finds no face on the photo."""
+    final = out / "videos" / name
+    if (final / "meta.json").is_file():
+        return True
+    meta = json.loads((photo / "meta.json").read_text())
+    image = np.asarray(Image.open(photo / "clips" / "000" / f"00000.{meta['image_format']}").convert("RGB"))
+    landmarks = face_landmarks(image)
+    if landmarks is None:
+        return False
+    face = float(np.hypot(*(landmarks[FOREHEAD] - landmarks[CHIN])))
+    donor_folder = clips_root / "videos" / donor.video
+    donor_meta = json.loads((donor_folder / "meta.json").read_text())
+    opening = normalised_opening(np.load(donor_folder / "mouth.npy"))[
+        donor.start : donor.start + donor.num_frames
+    ]
+    partial = out / "videos" / f".{name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "clips" / "000").mkdir(parents=True)
+    for t, value in enumerate(opening):
+        frame = open_mouth(image, landmarks, float(value) * amplitude * face)
+        Image.fromarray(frame).save(partial / "clips" / "000" / f"{t:05d}.jpg", quality=95)
+    audio = donor_meta["audio"]
+    (partial / audio["file"]).symlink_to((donor_folder / audio["file"]).resolve())
+    box = meta["clips"][0]["boxes"][0]
+    (partial / "meta.json").write_text(
+        json.dumps(
+            {
+                "source": f"{meta['source']} + mouth of {donor.video} frames {donor.start}-{donor.start + donor.num_frames}",
+                "fps": donor_meta["fps"],
+                "size": meta["size"],
+                "num_frames": donor_meta[
+                    "num_frames"
+                ],  # the donor's timeline: the clip sits where its sound is
+                "image_format": "jpg",
+                "audio": audio,
+                "wav2vec": None,
+                "clips": [
+                    {
+                        "index": 0,
+                        "start": donor.start,
+                        "end": donor.start + donor.num_frames,
+                        "boxes": [box] * donor.num_frames,
+                        "speeds": [0.0] * donor.num_frames,
+                    }
+                ],
+                "talking_photo": {"donor": donor.video, "amplitude": amplitude},
+            }
+        )
+    )
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    return True
+
+
+def make_talking_photos(
+    photos_root: str | Path,
+    clips_root: str | Path,
+    out: str | Path,
+    per_photo: int = 3,
+    amplitude: tuple[float, float] = (0.04, 0.08),
+    seed: int = 0,
+) -> dict:
+    """Every photo of `photos_root` x `per_photo` donor clips of `clips_root` -> talking-photo clips under
+    `out`; writes and returns `out/manifest.json`. Existing clips are kept (the command resumes)."""
+    photos_root, clips_root, out = Path(photos_root), Path(clips_root), Path(out)
+    grid, other = donor_clips(clips_root)
+    if not grid and not other:
+        raise ValueError(
+            f"{clips_root} has no clip with sound and a measured mouth: run training.mouth first"
+        )
+    rng = np.random.default_rng(seed)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    skipped = {}
+    photos = sorted(p for p in (photos_root / "videos").iterdir() if (p / "meta.json").is_file())
+    for photo in photos:
+        for k in range(per_photo):
+            pool = grid if (k % 2 == 0 and grid) or not other else other
+            donor = pool[int(rng.integers(len(pool)))]
+            peak = float(rng.uniform(*amplitude))
+            if not make_talking_photo(photo, donor, clips_root, out, f"talk__{photo.name}__{k}", peak):
+                skipped[photo.name] = "FaceMesh found no face"
+                break
+    size = json.loads((photos[0] / "meta.json").read_text())["size"] if photos else 128
+    return write_manifest(out, PrepareOptions(size=size, clip_length=50, min_clip_length=1), skipped)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.talking_photos", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--photos", type=Path, required=True, help="photo pseudo-clips (training.photos)")
+    parser.add_argument(
+        "--clips", type=Path, required=True, help="prepared clips with mouth.npy (training.mouth)"
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--per-photo", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    manifest = make_talking_photos(args.photos, args.clips, args.out, args.per_photo, seed=args.seed)
+    logger.info(
+        "%d talking-photo clips (%d photos without a face)", manifest["num_clips"], len(manifest["skipped"])
+    )
+
+
+if __name__ == "__main__":
+    main()
