@@ -23,7 +23,8 @@ video is made with seed 0 and the model's own default settings, or the preset, s
 - head speed: measured head rotation (degrees/frame) of one portrait animated at head_speed 0.2 and 1.5, with
   the share of frames where MediaPipe found a pose (NaN with fewer than two: no measurement);
 - time: seconds per second of video on this machine.
-Writes one JSON line to benchmarks/results_eval.jsonl and contact sheets under outputs/eval/.
+Writes one JSON line to benchmarks/results_eval.jsonl and contact sheets under outputs/eval/ (the espeak-ng
+cases' in espeak_contact_sheet.png: the portrait, then every 12th frame).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def synthetic_speech_figures(
     pipe: EmoPipeline, cases: list, folder: Path, seconds: float, settings: dict
 ) -> dict:
     """Lip-sync of every case's portrait on espeak-ng speech (see the module doc) -> summary with per-case rows."""
-    rows = []
+    rows, sheet = [], []
     for i, (name, portrait, _, _) in enumerate(cases):
         voice = ESPEAK_VOICES[i % len(ESPEAK_VOICES)]
         audio = load_audio(espeak(voice, folder), sampling_rate=SR, mono=True).mono[: round(seconds * SR)]
@@ -83,6 +84,7 @@ def synthetic_speech_figures(
             portrait, audio, sampling_rate=SR, output_type="np", generator=torch.manual_seed(0), **settings
         ).frames
         opening = mouth_opening(frames)
+        sheet.append([portrait, *frames[:: max(1, len(frames) // 8)][:8]])
         rows.append({
             "case": name,
             "voice": voice,
@@ -91,6 +93,7 @@ def synthetic_speech_figures(
             "face_found": float(np.isfinite(opening).mean()),
         })  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
+    contact_sheet(sheet).save(folder / "espeak_contact_sheet.png")
     values = [r["lipsync_r"] for r in rows if np.isfinite(r["lipsync_r"])]
     return {
         "espeak_lipsync_r": float(np.mean(values)) if values else float("nan"),

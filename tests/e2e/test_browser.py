@@ -100,11 +100,11 @@ def test_example_runs_in_the_browser_and_the_video_plays(app_url, page):
     page.screenshot(path=SCREENSHOTS / "1_before.png", full_page=True)
 
     page.get_by_text("speech.wav").click()  # the example: the portrait and the sentence fill the inputs
-    expect(page.get_by_text("76 frames in 7 clips × 40 denoising steps")).to_be_visible()
+    expect(page.get_by_text("76 frames in 7 clips × 40 denoising steps")).to_be_visible(timeout=30_000)
     page.get_by_text("Advanced").click()
     page.get_by_label("number input for Denoising steps per clip").fill("4")
     page.get_by_label("number input for Denoising steps per clip").press("Enter")
-    expect(page.get_by_text("76 frames in 7 clips × 4 denoising steps")).to_be_visible()
+    expect(page.get_by_text("76 frames in 7 clips × 4 denoising steps")).to_be_visible(timeout=30_000)
 
     page.get_by_role("button", name="Generate").click()
     expect(page.get_by_text(re.compile(r"clip \d/7 · step \d/4"))).to_be_visible(timeout=30_000)
