@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.face import face_landmarks
 from pipeline.metrics import correlation
 from training.data import EmoDataset, read_clips
 from training.photos import prepare_photos
 from training.prepare import PrepareOptions, write_manifest
-from training.talking_photos import face_landmarks, make_talking_photos, normalised_opening, open_mouth
+from training.talking_photos import make_talking_photos, normalised_opening, open_mouth
 
 ROOT = Path(__file__).resolve().parents[1]
 PORTRAIT = ROOT / "assets" / "examples" / "portrait.png"

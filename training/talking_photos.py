@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.face import face_landmarks
 from pipeline.metrics import CHIN, FOREHEAD, LOWER_LIP, UPPER_LIP
 
 from .data import read_clips
@@ -42,21 +43,6 @@ logger = logging.getLogger("training.talking_photos")
 INNER_LEFT, INNER_RIGHT, OUTER_LEFT, OUTER_RIGHT, LOWER_LIP_OUTER = 78, 308, 61, 291, 17
 MOUTH_INSIDE = np.array([70.0, 25.0, 30.0], np.float32)
 TEETH = np.array([215.0, 205.0, 195.0], np.float32)
-
-
-def face_landmarks(image: np.ndarray) -> np.ndarray | None:
-    """(H, W, 3) uint8 -> (468, 2) FaceMesh landmarks in pixels, or None without a face (small images are
-    measured at 256 px, as FaceMesh misses small faces)."""
-    import cv2
-    import mediapipe as mp
-
-    h, w = image.shape[:2]
-    big = cv2.resize(image, (max(256, w), max(256, h)), interpolation=cv2.INTER_CUBIC)
-    with mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1) as mesh:
-        result = mesh.process(np.ascontiguousarray(big))
-    if not result.multi_face_landmarks:
-        return None
-    return np.array([(p.x * w, p.y * h) for p in result.multi_face_landmarks[0].landmark], np.float32)
 
 
 def open_mouth(image: np.ndarray, landmarks: np.ndarray, opening: float) -> np.ndarray:
@@ -112,38 +98,46 @@ def normalised_opening(mouth: np.ndarray) -> np.ndarray:
     return np.clip((filled - low) / max(high - low, 1e-6), 0.0, 1.2)
 
 
-def donor_clips(clips_root: Path, min_measured: float = 0.5) -> tuple[list, list]:
-    """Clips with sound whose mouth was measured in at least `min_measured` of the frames -> (GRID's, others)."""
-    grid, other = [], []
+def donor_clips(clips_root: Path, min_measured: float = 0.5) -> tuple[list, list, dict]:
+    """Clips with sound whose mouth was measured in at least `min_measured` of the frames -> (GRID's, others,
+    {video: (its meta, its `normalised_opening`)})."""
+    grid, other, videos = [], [], {}
     for clip in read_clips(clips_root):
-        folder = clips_root / "videos" / clip.video
-        meta = json.loads((folder / "meta.json").read_text())
-        if not meta.get("audio") or not (folder / "mouth.npy").is_file():
+        if clip.video not in videos:
+            folder = clips_root / "videos" / clip.video
+            meta = json.loads((folder / "meta.json").read_text())
+            mouth = np.load(folder / "mouth.npy") if (folder / "mouth.npy").is_file() else None
+            videos[clip.video] = (meta, mouth)
+        meta, mouth = videos[clip.video]
+        if not meta.get("audio") or mouth is None:
             continue
-        mouth = np.load(folder / "mouth.npy")[clip.start : clip.start + clip.num_frames]
-        if np.isfinite(mouth).mean() < min_measured:
+        if np.isfinite(mouth[clip.start : clip.start + clip.num_frames]).mean() < min_measured:
             continue
         (grid if clip.video.startswith("grid") else other).append(clip)
-    return grid, other
+    used = {c.video for c in grid + other}
+    return (
+        grid,
+        other,
+        {v: (meta, normalised_opening(mouth)) for v, (meta, mouth) in videos.items() if v in used},
+    )
 
 
-def make_talking_photo(photo: Path, donor, clips_root: Path, out: Path, name: str, amplitude: float) -> bool:
-    """One photo pseudo-clip folder (`training.photos`) + one donor clip -> `out/videos/name`; False when
-    FaceMesh finds no face on the photo."""
-    final = out / "videos" / name
-    if (final / "meta.json").is_file():
-        return True
-    meta = json.loads((photo / "meta.json").read_text())
-    image = np.asarray(Image.open(photo / "clips" / "000" / f"00000.{meta['image_format']}").convert("RGB"))
-    landmarks = face_landmarks(image)
-    if landmarks is None:
-        return False
+def write_talking_photo(
+    image: np.ndarray,
+    landmarks: np.ndarray,
+    photo_meta: dict,
+    donor,
+    donor_video: tuple[dict, np.ndarray],
+    clips_root: Path,
+    out: Path,
+    name: str,
+    amplitude: float,
+) -> None:
+    """A photo (its first view, FaceMesh landmarks and `training.photos` meta) + one donor clip (and its video's
+    meta and normalised opening) -> `out/videos/name`."""
+    donor_meta, opening = donor_video
+    opening = opening[donor.start : donor.start + donor.num_frames]
     face = float(np.hypot(*(landmarks[FOREHEAD] - landmarks[CHIN])))
-    donor_folder = clips_root / "videos" / donor.video
-    donor_meta = json.loads((donor_folder / "meta.json").read_text())
-    opening = normalised_opening(np.load(donor_folder / "mouth.npy"))[
-        donor.start : donor.start + donor.num_frames
-    ]
     partial = out / "videos" / f".{name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "clips" / "000").mkdir(parents=True)
@@ -151,36 +145,31 @@ def make_talking_photo(photo: Path, donor, clips_root: Path, out: Path, name: st
         frame = open_mouth(image, landmarks, float(value) * amplitude * face)
         Image.fromarray(frame).save(partial / "clips" / "000" / f"{t:05d}.jpg", quality=95)
     audio = donor_meta["audio"]
-    (partial / audio["file"]).symlink_to((donor_folder / audio["file"]).resolve())
-    box = meta["clips"][0]["boxes"][0]
-    (partial / "meta.json").write_text(
-        json.dumps(
+    (partial / audio["file"]).symlink_to((clips_root / "videos" / donor.video / audio["file"]).resolve())
+    frames = (donor.start, donor.start + donor.num_frames)
+    meta = {
+        "source": f"{photo_meta['source']} + mouth of {donor.video} frames {frames[0]}-{frames[1]}",
+        "fps": donor_meta["fps"],
+        "size": photo_meta["size"],
+        "num_frames": donor_meta["num_frames"],  # the donor's timeline: the clip sits where its sound is
+        "image_format": "jpg",
+        "audio": audio,
+        "wav2vec": None,
+        "clips": [
             {
-                "source": f"{meta['source']} + mouth of {donor.video} frames {donor.start}-{donor.start + donor.num_frames}",
-                "fps": donor_meta["fps"],
-                "size": meta["size"],
-                "num_frames": donor_meta[
-                    "num_frames"
-                ],  # the donor's timeline: the clip sits where its sound is
-                "image_format": "jpg",
-                "audio": audio,
-                "wav2vec": None,
-                "clips": [
-                    {
-                        "index": 0,
-                        "start": donor.start,
-                        "end": donor.start + donor.num_frames,
-                        "boxes": [box] * donor.num_frames,
-                        "speeds": [0.0] * donor.num_frames,
-                    }
-                ],
-                "talking_photo": {"donor": donor.video, "amplitude": amplitude},
+                "index": 0,
+                "start": frames[0],
+                "end": frames[1],
+                "boxes": [photo_meta["clips"][0]["boxes"][0]] * donor.num_frames,
+                "speeds": [0.0] * donor.num_frames,
             }
-        )
-    )
+        ],
+        "talking_photo": {"donor": donor.video, "amplitude": amplitude},
+    }
+    (partial / "meta.json").write_text(json.dumps(meta))
+    final = out / "videos" / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
-    return True
 
 
 def make_talking_photos(
@@ -194,7 +183,7 @@ def make_talking_photos(
     """Every photo of `photos_root` x `per_photo` donor clips of `clips_root` -> talking-photo clips under
     `out`; writes and returns `out/manifest.json`. Existing clips are kept (the command resumes)."""
     photos_root, clips_root, out = Path(photos_root), Path(clips_root), Path(out)
-    grid, other = donor_clips(clips_root)
+    grid, other, videos = donor_clips(clips_root)
     if not grid and not other:
         raise ValueError(
             f"{clips_root} has no clip with sound and a measured mouth: run training.mouth first"
@@ -204,13 +193,25 @@ def make_talking_photos(
     skipped = {}
     photos = sorted(p for p in (photos_root / "videos").iterdir() if (p / "meta.json").is_file())
     for photo in photos:
+        image = landmarks = None  # read and measured once per photo, when a clip of it is missing
         for k in range(per_photo):
             pool = grid if (k % 2 == 0 and grid) or not other else other
             donor = pool[int(rng.integers(len(pool)))]
             peak = float(rng.uniform(*amplitude))
-            if not make_talking_photo(photo, donor, clips_root, out, f"talk__{photo.name}__{k}", peak):
+            name = f"talk__{photo.name}__{k}"
+            if (out / "videos" / name / "meta.json").is_file():
+                continue
+            if image is None:
+                meta = json.loads((photo / "meta.json").read_text())
+                first = photo / "clips" / "000" / f"00000.{meta['image_format']}"
+                image = np.asarray(Image.open(first).convert("RGB"))
+                landmarks = face_landmarks(image)
+            if landmarks is None:
                 skipped[photo.name] = "FaceMesh found no face"
                 break
+            write_talking_photo(
+                image, landmarks, meta, donor, videos[donor.video], clips_root, out, name, peak
+            )
     size = json.loads((photos[0] / "meta.json").read_text())["size"] if photos else 128
     return write_manifest(out, PrepareOptions(size=size, clip_length=50, min_clip_length=1), skipped)
 
