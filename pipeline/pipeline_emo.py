@@ -41,7 +41,7 @@ from .models import (
     SpeedEncoder,
 )
 from .models.attention import context_cache
-from .models.backbone import hide_mouth
+from .models.backbone import hide_mouth, mouth_drive_map
 from .presets import get_preset, make_scheduler
 
 logger = logging.get_logger(__name__)
@@ -97,6 +97,8 @@ class ClipConditions:
     region_weights: tuple[float, float, float]
     # (1, c, h, w) the reference's latents for a backbone with `reference_latent_channels`, else None
     reference_latents: torch.Tensor | None = None
+    # (1, f, h, w) the clip's mouth-opening maps for a backbone with `mouth_drive`, else None
+    mouth_drive: torch.Tensor | None = None
 
 
 @dataclass
@@ -324,6 +326,10 @@ class EmoPipeline(DiffusionPipeline):
 
         num_frames: the frames of whole clips (the audio is padded to them).
         """
+        return self.audio_projection(self.audio_frame_features(waveform, num_frames, fps, device))
+
+    def audio_frame_features(self, waveform: np.ndarray, num_frames: int, fps: float, device) -> torch.Tensor:
+        """Waveform -> the audio encoder's features of every frame (1, num_frames, layers, dim)."""
         num_layers = self.audio_projection.config.num_layers
         if self.behaviour.audio_features == "hallo":
             features = hallo_frame_features(
@@ -334,7 +340,7 @@ class EmoPipeline(DiffusionPipeline):
             features = wav2vec_frame_features(
                 self.audio_encoder, self.feature_extractor, waveform, num_frames, fps, num_layers=num_layers
             )
-        return self.audio_projection(features[None].to(device))
+        return features[None].to(device)
 
     def encode_speed(self, head_speed, num_frames: int, device) -> torch.Tensor | None:
         """One speed or one per frame (degrees/frame) -> speed embeddings (1, num_frames, d); None without
@@ -446,15 +452,18 @@ class EmoPipeline(DiffusionPipeline):
             .to(device)
         )
 
-    def prepare_mouth_mask(self, image: PIL.Image.Image, device) -> torch.Tensor | None:
+    def prepare_mouth_mask(
+        self, image: PIL.Image.Image, device, purpose: str = "hidden from the model"
+    ) -> torch.Tensor | None:
         """The portrait's mouth region (1, 1, H, W) of 0/1 (`face.mouth_mask` of its face box), for models with
-        `behaviour.mask_reference_mouth`; None when no face is found (the whole portrait is then kept)."""
+        `behaviour.mask_reference_mouth` or a mouth drive; None when no face is found (a warning says what the
+        mouth region was for: `purpose`)."""
         from .face import NoFaceError, detect_face, mouth_mask
 
         try:
             box = detect_face(np.asarray(image), warn_multiple=False)
         except NoFaceError:
-            logger.warning("No face found in the reference image: its mouth cannot be hidden from the model.")
+            logger.warning("No face found in the reference image: its mouth cannot be %s.", purpose)
             return None
         return (
             torch.from_numpy(mouth_mask(box, image.size)).reshape(1, 1, image.height, image.width).to(device)
@@ -531,6 +540,11 @@ class EmoPipeline(DiffusionPipeline):
             inputs["reference_used"] = used
         if reference_index is not None:
             inputs["reference_index"] = reference_index
+        if conds.mouth_drive is not None:  # a branch without audio gets zeros, as in training
+            d = conds.mouth_drive
+            inputs["mouth_drive"] = torch.cat(
+                [d if use_audio else torch.zeros_like(d) for _, use_audio in selected]
+            )
         if conds.reference_latents is not None:  # a branch without reference gets zeros, as in training
             r = conds.reference_latents
             inputs["reference_latents"] = torch.cat(
@@ -728,7 +742,8 @@ class EmoPipeline(DiffusionPipeline):
             raise ValueError(f"`head_speed` has {speeds.size} values but the video has {num_frames} frames")
 
         # 3. Audio tokens and speed embeddings for every frame, once
-        audio_tokens = self.encode_audio(waveform, padded_frames, fps, device)
+        audio_features = self.audio_frame_features(waveform, padded_frames, fps, device)
+        audio_tokens = self.audio_projection(audio_features)
         speed_tokens = self.encode_speed(head_speed, padded_frames, device)
 
         # 4. Reference image -> latents; identity tokens, face-locator features, region masks (once)
@@ -754,6 +769,11 @@ class EmoPipeline(DiffusionPipeline):
             hide = self.behaviour.mask_reference_mouth
             mouth = self.prepare_mouth_mask(reference_pil, device) if hide else None
             injected = reference_latents if mouth is None else hide_mouth(reference_latents, mouth)
+        mouth_drive = None
+        if self.denoising_unet.config.mouth_drive:  # the voice's mouth opening drawn into the mouth region
+            region = self.prepare_mouth_mask(reference_pil, device, purpose="drawn from the voice")
+            opening = self.audio_projection.mouth_opening(audio_features).float()
+            mouth_drive = mouth_drive_map(opening, region, latent_size)
         conditions = dict(
             face=self.face_locator(mask),
             identity=identity,
@@ -810,7 +830,9 @@ class EmoPipeline(DiffusionPipeline):
                 conds = ClipConditions(
                     reference=reference_tokens, motion=motion, motion_null=motion_null,
                     audio=audio_tokens[:, frames_slice],
-                    speed=speed_tokens[:, frames_slice] if speed_tokens is not None else None, **conditions,
+                    speed=speed_tokens[:, frames_slice] if speed_tokens is not None else None,
+                    mouth_drive=mouth_drive[:, frames_slice] if mouth_drive is not None else None,
+                    **conditions,
                 )  # fmt: skip
 
                 # 5b. Denoising loop (the branches' inputs are built once per clip)

@@ -353,3 +353,35 @@ def test_mel_audio_encoder_learns_a_mouth_signal(workspace):
     print(result)
     assert result["heldout_r"] > 0.6
     assert not any(p.requires_grad for p in pipe.audio_encoder.parameters())
+
+
+def test_a_mouth_drive_model_fits_its_head_to_the_measured_mouth_and_starts_where_its_source_was(workspace):
+    """`training.small_model.with_mouth_drive`: the head learns a per-frame target the sound determines (its
+    loudness) from the frozen encoder's features, on one video, and predicts it on the other; the backbone's
+    new conv is zero, so the model's prediction is its source's."""
+    from pipeline.audio import load_audio
+    from pipeline.metrics import loudness_envelope
+    from training.small_model import with_mouth_drive
+
+    for folder in (workspace["data"] / "videos").iterdir():
+        meta = json.loads((folder / "meta.json").read_text())
+        audio = load_audio(folder / "audio.wav", sampling_rate=16_000, mono=True).mono
+        np.save(folder / "mouth.npy", loudness_envelope(audio, 16_000, meta["num_frames"], FPS))
+    source = workspace["root"] / "drive_source"
+    torch.manual_seed(0)
+    build_pipeline("tiny").save_pretrained(source)
+    encoder_before = {
+        k: v.clone() for k, v in EmoPipeline.from_pretrained(source).audio_encoder.state_dict().items()
+    }
+    out = workspace["root"] / "drive"
+    options = dict(heldout_fraction=0.5, window_frames=20, batch_size=8)
+    assert with_mouth_drive(source, out, workspace["data"], head_steps=300, **options) == out
+    figures = json.loads((out / "mouth_head.json").read_text())
+    print(figures)
+    assert figures["videos"] == 2 and figures["steps"] == 300 and figures["heldout_r"] > 0.5
+    pipe = EmoPipeline.from_pretrained(out)
+    assert pipe.denoising_unet.config.mouth_drive and not pipe.denoising_unet.mouth_drive_in.weight.any()
+    assert pipe.audio_projection.mouth_head[0].weight.abs().sum() > 0
+    for k, v in pipe.audio_encoder.state_dict().items():
+        torch.testing.assert_close(v, encoder_before[k])  # the encoder stays frozen
+    assert with_mouth_drive(out, workspace["root"] / "again", workspace["data"], 10) == out  # has one already

@@ -25,7 +25,11 @@ PARAMETER_GROUPS: dict[str, tuple[str, str | None]] = {
     "face_locator": (r"^face_locator\.", None),
     # AnimateDiff motion modules, without the speed cross-attention inside them
     "temporal": (r"^denoising_unet\..*\.motion_modules\.", r"\.(attn_speed|norm_speed)\."),
-    "audio": (r"^denoising_unet\..*\.(audio_attention|audio_modules)\.|^audio_projection\.", None),
+    # (the mouth head of a mouth-drive model is fitted before the stages, on the measured mouth, and stays)
+    "audio": (
+        r"^denoising_unet\..*\.(audio_attention|audio_modules)\.|^audio_projection\.",
+        r"\.mouth_head\.",
+    ),
     "speed": (r"^denoising_unet\..*\.(attn_speed|norm_speed)\.|^speed_encoder\.", None),
     # face embedding -> identity tokens (models with an identity projection: converted Hallo models)
     "identity": (r"^identity_projection\.", None),

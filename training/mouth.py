@@ -142,3 +142,89 @@ def pretrain_audio_encoder(
             pred = head(frame_features(encoder, values[None], len(mouth), layers))[0].numpy()
             heldout_r.append(correlation(pred, mouth))
     return {"train_r": train_r, "heldout_r": float(np.nanmean(heldout_r)) if heldout_r else float("nan")}
+
+
+def fit_mouth_head(
+    pipe,
+    data_root: str | Path | list,
+    steps: int,
+    heldout_fraction: float = 0.1,
+    window_frames: int = 50,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    fps: float = 25.0,
+    seed: int = 0,
+) -> dict:
+    """Fit the mouth head of a mouth-drive model (`pipe.audio_projection.mouth_head`) to the measured mouth
+    opening (z-scored per video) from the features of its frozen audio encoder, computed as inference computes
+    them (`wav2vec_frame_features` of the whole sound). Every `1 / heldout_fraction`-th video (sorted by name)
+    is kept out and measured -> {"train_r", "heldout_r", "videos"}: the correlation of prediction and measure."""
+    from pipeline.audio_features import wav2vec_frame_features
+
+    roots = [Path(r) for r in (data_root if isinstance(data_root, list | tuple) else [data_root])]
+    projection = pipe.audio_projection
+    if projection.mouth_head is None:
+        raise ValueError("the pipeline's audio projection has no mouth head (build it with mouth_drive=True)")
+    layers = projection.config.num_layers
+    items = []  # (features (frames, layers, dim), z-scored mouth (frames,))
+    for root in roots:
+        for video in sorted({c.video for c in read_clips(root)}):
+            folder = root / "videos" / video
+            if not (folder / "mouth.npy").is_file():
+                continue
+            mouth = np.load(folder / "mouth.npy")
+            if np.isfinite(mouth).sum() < 25 or np.nanstd(mouth) == 0:
+                continue
+            meta = json.loads((folder / "meta.json").read_text())
+            waveform = load_audio(folder / meta["audio"]["file"], sampling_rate=SAMPLING_RATE, mono=True).mono
+            features = wav2vec_frame_features(
+                pipe.audio_encoder, pipe.feature_extractor, waveform, len(mouth), fps, num_layers=layers
+            )
+            items.append((features.float(), (mouth - np.nanmean(mouth)) / np.nanstd(mouth)))
+    if not items:
+        raise ValueError(f"no video with measured mouth opening (mouth.npy) in {roots}")
+    every = max(2, round(1 / heldout_fraction)) if heldout_fraction else 0
+    held = [item for i, item in enumerate(items) if every and i % every == every - 1]
+    train_items = [item for i, item in enumerate(items) if not (every and i % every == every - 1)]
+    starts = [
+        (i, s)
+        for i, (_, mouth) in enumerate(train_items)
+        for s in range(0, max(1, len(mouth) - window_frames + 1), 5)
+        if len(mouth) >= window_frames and np.isfinite(mouth[s : s + window_frames]).mean() >= 0.5
+    ]
+    if not starts:
+        raise ValueError(f"no {window_frames}-frame window with measured mouth opening in {roots}")
+    head = projection.mouth_head.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    rng = np.random.default_rng(seed)
+    train_r = float("nan")
+    for step in range(steps):
+        picks = [starts[j] for j in rng.integers(0, len(starts), batch_size)]
+        features = torch.stack([train_items[i][0][s : s + window_frames] for i, s in picks])
+        target = torch.from_numpy(
+            np.stack([train_items[i][1][s : s + window_frames] for i, s in picks])
+        ).float()
+        pred = projection.mouth_opening(features)
+        keep = torch.isfinite(target)
+        loss = ((pred - target.nan_to_num()) ** 2)[keep].mean()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        if step % 200 == 0 or step == steps - 1:
+            train_r = correlation(pred.detach().numpy()[keep.numpy()], target.numpy()[keep.numpy()])
+            logger.info("mouth head step %d: loss %.3f, r %.3f", step, loss.item(), train_r)
+    head.eval().requires_grad_(False)
+    with torch.no_grad():
+        heldout_r = [
+            correlation(
+                projection.mouth_opening(features[None])[0].numpy()[np.isfinite(m)], m[np.isfinite(m)]
+            )
+            for features, m in held
+        ]
+    return {
+        "train_r": float(train_r),
+        "heldout_r": float(np.nanmean(heldout_r)) if heldout_r else float("nan"),
+        "videos": len(items),
+    }

@@ -417,6 +417,13 @@ def main(argv: list[str] | None = None) -> None:
         help="stages 2-3 also train on this many talking-photo clips per photo (`training.talking_photos`: "
         "the photos' mouths opened as a real clip's, with its sound); 0: none",
     )
+    parser.add_argument(
+        "--mouth-drive",
+        action="store_true",
+        help="with --continue-from: add a mouth drive (the voice's predicted mouth opening drawn into the "
+        "mouth region of every frame, `mouth_drive` of the backbone and the audio projection) before stage 2",
+    )
+    parser.add_argument("--mouth-head-steps", type=int, default=1500, help="fitting the mouth drive's head")
     parser.add_argument("--workers", type=int, default=2, help="data preparation processes")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -577,6 +584,38 @@ def with_small_layout(source: Path, out: Path, switches: dict | None = None) -> 
     return out
 
 
+def with_mouth_drive(source: Path, out: Path, clips: Path, head_steps: int, **fit_options) -> Path:
+    """`source` with a mouth drive, saved to `out` (done once; `source` itself when it has one): a mouth head on
+    its audio projection, fitted to the opening measured on the real `clips` from the frozen audio encoder's
+    features (`training.mouth.fit_mouth_head`, figures in `out/mouth_head.json`), and the backbone's
+    zero-initialised `mouth_drive_in`, so the model starts out predicting exactly what it did. `fit_options`: those
+    of `fit_mouth_head`."""
+    from pipeline.models import AudioProjection, EmoUNet3DModel
+
+    from .mouth import fit_mouth_head
+
+    if EmoUNet3DModel.load_config(source / "denoising_unet").get("mouth_drive"):
+        return source
+    if (out / "model_index.json").is_file():
+        return out
+    pipe = EmoPipeline.from_pretrained(source)
+    for name, cls in (("denoising_unet", EmoUNet3DModel), ("audio_projection", AudioProjection)):
+        old = getattr(pipe, name)
+        new = cls.from_config(old.config, mouth_drive=True)
+        result = new.load_state_dict(old.state_dict(), strict=False)
+        if result.unexpected_keys or any(
+            not k.startswith(("mouth_drive_in.", "mouth_head.")) for k in result.missing_keys
+        ):
+            raise SystemExit(f"{source}: its {name} weights do not fit its own config")
+        pipe.register_modules(**{name: new})
+    figures = fit_mouth_head(pipe, clips, head_steps, **fit_options)
+    logger.info("mouth head: r %.3f on training windows, %.3f on held-out videos", figures["train_r"],
+                figures["heldout_r"])  # fmt: skip
+    pipe.save_pretrained(out)
+    (out / "mouth_head.json").write_text(json.dumps(figures | {"steps": head_steps}))
+    return out
+
+
 def continue_training(
     args, work: Path, clips: Path, photos: Path, options: dict, talking: list[Path] = ()
 ) -> None:
@@ -591,6 +630,8 @@ def continue_training(
             f"--out {args.out} is the --continue-from model: write the new model to another folder"
         )
     previous = with_small_layout(source, work / "init_continued", behaviour_switches(args))
+    if args.mouth_drive:
+        previous = with_mouth_drive(previous, work / "init_mouth_drive", clips, args.mouth_head_steps)
     stages = ((1, args.stage1_steps or 0), (2, args.stage2_steps), (3, args.stage3_steps))
     for stage, steps in stages:
         if steps == 0:

@@ -48,7 +48,7 @@ import yaml
 from torch import nn
 
 from pipeline import EmoPipeline, EmoUNet3DModel, SpeedEncoder, build_pipeline, load_motion_module
-from pipeline.models.backbone import hide_mouth
+from pipeline.models.backbone import hide_mouth, mouth_drive_map
 
 from .config import Config, load_config, parameter_matcher
 from .data import EmoDataset, EpochSampler, read_clips
@@ -98,13 +98,16 @@ class EmoTrainingModel(nn.Module):
         face_embedding: torch.Tensor | None = None,
         region_masks: dict[tuple[int, int], torch.Tensor] | None = None,
         reference_mouth_mask: torch.Tensor | None = None,
+        mouth_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """noisy: (b, 4, f, h, w); reference_latents (b, 4, h, w); motion_latents (b, n, 4, h, w) or None;
         face_mask (b, 1, H, W); audio_features (b, f + 2m, layers, dim) or None; speeds (b, f + 2m) deg/frame
         or None; keep: per-sample 1/0 (b,) for "reference", "audio", "motion".
         Models with identity tokens: face_embedding (b, 512) or None (the null identity, a zero embedding);
         models with region audio modules: region_masks {(h, w): (b, h*w, 3)} at every level;
-        models with `behaviour.mask_reference_mouth`: reference_mouth_mask (b, 1, H, W), the reference's mouth.
+        models with `behaviour.mask_reference_mouth`: reference_mouth_mask (b, 1, H, W), the reference's mouth;
+        models with a mouth drive: mouth_mask (b, 1, H, W), the clip's mouth region, where the frozen mouth head's
+        opening is drawn (zeros without audio: stage 1 and dropped audio, as in guidance).
         Returns the prediction (b, 4, f, h, w)."""
         b = noisy.shape[0]
         unet = self.denoising_unet
@@ -179,6 +182,19 @@ class EmoTrainingModel(nn.Module):
                     raise ValueError("this model hides the reference's mouth: give `reference_mouth_mask`")
                 injected = hide_mouth(reference_latents, reference_mouth_mask)
             backbone_inputs["reference_latents"] = injected * _expand(keep["reference"], injected)
+        if unet.config.mouth_drive:
+            f, latent_size = noisy.shape[2], tuple(noisy.shape[-2:])
+            if audio_features is None:
+                opening = noisy.new_zeros(b, f)
+            else:
+                m = self.audio_projection.config.window
+                opening = self.audio_projection.mouth_opening(audio_features)[
+                    :, m : audio_features.shape[1] - m
+                ]
+                opening = opening * _expand(keep["audio"], opening)
+            if mouth_mask is None:
+                raise ValueError("this model has a mouth drive: give `mouth_mask`")
+            backbone_inputs["mouth_drive"] = mouth_drive_map(opening, mouth_mask, latent_size)
         # 3. Backbone
         return unet(
             noisy,
@@ -429,6 +445,8 @@ def training_loss(
         conditions["region_masks"] = {size: mask.to(device) for size, mask in masks.items()}
     if pipe.behaviour.mask_reference_mouth:
         conditions["reference_mouth_mask"] = batch["reference_mouth_mask"].to(device)
+    if pipe.denoising_unet.config.mouth_drive:
+        conditions["mouth_mask"] = batch["mouth_mask"].to(device)
     pred = model(
         noisy,
         timesteps,

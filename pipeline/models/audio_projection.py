@@ -2,6 +2,11 @@
 
 EMO concatenates the features of frames f-m .. f+m (m = 2) from all wav2vec2 layers. Parameter names follow
 Hallo's `AudioProjModel` (`proj1`, `proj2`, `proj3`, `norm`), so its trained weights can be mapped later.
+
+`mouth_drive=True` (the small embedded model) adds `mouth_head`: the same window -> the mouth opening of the
+frame, in per-video standard deviations (`training.mouth.fit_mouth_head` fits it to the lip gap MediaPipe
+measured on real clips). The backbone draws it into the mouth region of every frame (its `mouth_drive`), a
+direct, local path from the voice to the lips next to the audio attention.
 """
 
 from __future__ import annotations
@@ -30,12 +35,18 @@ class AudioProjection(ModelMixin, ConfigMixin):
         intermediate_dim: int = 512,
         output_dim: int = 768,
         context_tokens: int = 32,
+        mouth_drive: bool = False,
     ):
         super().__init__()
         self.proj1 = nn.Linear((2 * window + 1) * num_layers * feature_dim, intermediate_dim)
         self.proj2 = nn.Linear(intermediate_dim, intermediate_dim)
         self.proj3 = nn.Linear(intermediate_dim, context_tokens * output_dim)
         self.norm = nn.LayerNorm(output_dim)
+        self.mouth_head = None
+        if mouth_drive:
+            self.mouth_head = nn.Sequential(
+                nn.Linear((2 * window + 1) * num_layers * feature_dim, 64), nn.GELU(), nn.Linear(64, 1)
+            )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features: (b, f, layers, dim) per video frame -> audio tokens (b, f, context_tokens, output_dim)."""
@@ -44,3 +55,11 @@ class AudioProjection(ModelMixin, ConfigMixin):
         x = torch.relu(self.proj2(x))
         x = rearrange(self.proj3(x), "b f (k d) -> b f k d", k=self.config.context_tokens)
         return self.norm(x)
+
+    def mouth_opening(self, features: torch.Tensor) -> torch.Tensor:
+        """features: (b, f, layers, dim) per video frame -> the predicted mouth opening of each frame (b, f), in
+        standard deviations of a video's opening around its mean (models with `mouth_drive`)."""
+        if self.mouth_head is None:
+            raise ValueError("this audio projection has no mouth head (`mouth_drive=False`)")
+        x = rearrange(frame_windows(features.to(self.dtype), self.config.window), "b f w l d -> b f (w l d)")
+        return self.mouth_head(x).squeeze(-1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
@@ -33,6 +34,18 @@ from .audio_attention import AUDIO_ATTENTION_TYPES
 from .reference_net import SD15_DOWN_BLOCKS, SD15_UP_BLOCKS
 from .temporal import TemporalTransformer
 from .unet import build_unet, run_unet, unet_args
+
+
+def mouth_drive_map(
+    opening: torch.Tensor, mouth_mask: torch.Tensor | None, latent_size: tuple[int, int]
+) -> torch.Tensor:
+    """The backbone's `mouth_drive` input: each frame's predicted mouth opening `opening` (b, f) drawn into the
+    mouth region `mouth_mask` (b, 1, H, W) of 0/1 at image size, area-pooled to `latent_size` -> (b, f, h, w).
+    No mask (no face found): zeros, the map of a sample without audio."""
+    if mouth_mask is None:
+        return opening.new_zeros(*opening.shape, *latent_size)
+    region = F.adaptive_avg_pool2d(mouth_mask.to(opening.device, opening.dtype), latent_size)  # (b, 1, h, w)
+    return opening[:, :, None, None] * region
 
 
 def hide_mouth(reference_latents: torch.Tensor, mouth_mask: torch.Tensor) -> torch.Tensor:
@@ -81,6 +94,7 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
         motion_norm_per_frame: bool = False,
         motion_stored_positions: bool = False,
         reference_latent_channels: int = 0,
+        mouth_drive: bool = False,
     ):
         super().__init__()
         if audio_attention_type not in AUDIO_ATTENTION_TYPES:
@@ -126,6 +140,13 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
             # zero at the start: a new injection leaves the backbone's output as it was
             torch.nn.init.zeros_(self.reference_latent_in.weight)
             torch.nn.init.zeros_(self.reference_latent_in.bias)
+        self.mouth_drive_in = None
+        if mouth_drive:
+            # per frame: the predicted mouth opening drawn into the mouth region (`mouth_drive_map`); zero at
+            # the start, as the reference-latent injection
+            self.mouth_drive_in = torch.nn.Conv2d(1, block_out_channels[0], 3, padding=1)
+            torch.nn.init.zeros_(self.mouth_drive_in.weight)
+            torch.nn.init.zeros_(self.mouth_drive_in.bias)
 
     def token_grids(self, latent_size: tuple[int, int]) -> list[tuple[int, int]]:
         """The (h, w) token grid of each resolution level for latents of `latent_size`, finest first (the keys
@@ -148,6 +169,7 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
         region_masks: dict[tuple[int, int], torch.Tensor] | None = None,
         region_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
         reference_latents: torch.Tensor | None = None,
+        mouth_drive: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> EmoUNetOutput | tuple[torch.Tensor]:
         """Predict the noise (or v) of a clip.
@@ -165,6 +187,8 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
         reference_latents: (b, reference_latent_channels, h, w) the reference's latents (zeros for a sample
         without reference), required when the model has `reference_latent_channels`, else not accepted.
         motion_features with `motion_frame_features="attention"`: key -> (b, n, h*w, c) attention tokens.
+        mouth_drive: (b, f, h, w) each frame's mouth-opening map (`mouth_drive_map`; zeros for a sample without
+        audio), required when the model has `mouth_drive`, else not accepted.
         """
         b, _, f, h, w = sample.shape
         timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
@@ -193,6 +217,11 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
                 f, dim=0
             )
             added = injected if added is None else added + injected
+        if (mouth_drive is None) != (self.mouth_drive_in is None):
+            raise ValueError("`mouth_drive` must be given exactly when the backbone has `mouth_drive`")
+        if mouth_drive is not None:
+            drawn = self.mouth_drive_in(rearrange(mouth_drive.to(sample.dtype), "b f h w -> (b f) 1 h w"))
+            added = drawn if added is None else added + drawn
         out = run_unet(
             self,
             rearrange(sample, "b c f h w -> (b f) c h w"),
