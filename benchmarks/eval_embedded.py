@@ -10,7 +10,9 @@ video is made with seed 0 and the model's own default settings, or the preset, s
 - lip-sync: correlation of the mouth opening with the loudness, per video, next to the same measure on the
   real held-out clips (the ceiling of this measure); and on clear synthetic speech (espeak-ng, when it is
   installed): every held-out portrait saying one sentence in 5 voices and languages (en-us, en+f3, de, fr,
-  es, in turn), 4 s, where loudness marks the syllables well (`--espeak-only`: these cases alone);
+  es, in turn), 4 s, where loudness marks the syllables well (`--espeak-only`: these cases alone); for a
+  model with a mouth drive also "drive_r", the same measure of the opening its mouth head asked for, and
+  "mouth_vs_drive_r", the correlation of the generated opening with it (how well the denoiser follows);
 - identity: the 32x32 colour distance of each video's frames to every portrait; "nearest" is the share of
   videos closest to their own portrait, "margin" the mean gap to the nearest other portrait; the same with
   SSIM at full resolution (structure: a blurry generic face in the portrait's colours scores low);
@@ -50,7 +52,9 @@ from pipeline.face import crop_face, head_poses, head_rotation_speed  # noqa: E4
 from pipeline.metrics import (  # noqa: E402
     appearance_distance,
     contact_sheet,
+    correlation,
     lipsync_correlation,
+    loudness_envelope,
     mouth_opening,
     ssim,
     temporal_change,
@@ -85,10 +89,20 @@ def synthetic_speech_figures(
         ).frames
         opening = mouth_opening(frames)
         sheet.append([portrait, *frames[:: max(1, len(frames) // 8)][:8]])
+        drive = {}
+        if (
+            pipe.audio_projection.mouth_head is not None
+        ):  # what the mouth drive asked for, by the same measure
+            with torch.no_grad():
+                features = pipe.audio_frame_features(audio, len(frames), 25.0, pipe.device)
+                asked = pipe.audio_projection.mouth_opening(features)[0].float().cpu().numpy()
+            drive["drive_r"] = correlation(asked, loudness_envelope(audio, SR, len(frames), 25.0))
+            drive["mouth_vs_drive_r"] = correlation(opening, asked)
         rows.append({
             "case": name,
             "voice": voice,
             "lipsync_r": lipsync_correlation(frames, audio, SR, 25.0),
+            **drive,
             "mouth_opening_std": float(np.nanstd(opening)) if np.isfinite(opening).any() else float("nan"),
             "face_found": float(np.isfinite(opening).mean()),
         })  # fmt: skip
@@ -98,6 +112,11 @@ def synthetic_speech_figures(
     return {
         "espeak_lipsync_r": float(np.mean(values)) if values else float("nan"),
         "espeak_mouth_opening_std": float(np.nanmean([r["mouth_opening_std"] for r in rows])),
+        **{
+            f"espeak_{key}": float(np.nanmean([r[key] for r in rows]))
+            for key in ("drive_r", "mouth_vs_drive_r")
+            if rows and key in rows[0]
+        },
         "espeak_cases": rows,
     }
 

@@ -117,6 +117,9 @@ class OptimConfig:
     batch_size: int = 4
     gradient_accumulation_steps: int = 1
     max_steps: int = 30_000
+    max_minutes: float = (
+        0.0  # > 0: also stop (checkpoint, export) at the first step after this much of this run
+    )
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = True
     use_8bit_adam: bool = True
@@ -222,7 +225,14 @@ def _build(cls, values: dict[str, Any], where: str):
             "validation": ValidationConfig,
             "condition_dropout": ConditionDropout,
         }.get(name)
-        kwargs[name] = _build(nested, value, f"{where}.{name}".strip(".")) if nested else value
+        if nested:
+            value = _build(nested, value, f"{where}.{name}".strip("."))
+        elif fields[name].type == "float" and isinstance(value, int | str) and not isinstance(value, bool):
+            try:  # YAML reads 1e-6 (no dot) as a string and 2 as an int
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{where}.{name}: expected a number, got {value!r}") from None
+        kwargs[name] = value
     return cls(**kwargs)
 
 

@@ -270,9 +270,13 @@ def stage_config(
     motion_dropout: float = 0.2,
     learning_rate: float | None = None,
     seed: int = 0,
+    batch_size: int | None = None,
+    loader_workers: int = 1,
+    max_minutes: float = 0.0,
 ) -> dict:
     """The `training.train` config of one stage; `name` (default "stage<n>") is its folder under `work`; stage n
-    trains with seed n + `seed` (the sample order and noise draws)."""
+    trains with seed n + `seed` (the sample order and noise draws). `batch_size` (stages 2-3; default 4) and
+    `loader_workers` size it for a GPU; `max_minutes` > 0 ends it at the first step after that much time."""
     if stage == 1:
         clip = {"num_frames": 1, "num_motion_frames": 0}
         trainable = ["backbone", "reference_net", "face_locator"]
@@ -280,11 +284,11 @@ def stage_config(
     elif stage == 2:
         clip = {"num_frames": CLIP_LENGTH, "num_motion_frames": MOTION_FRAMES}
         trainable = ["backbone", "reference_net", "face_locator", "temporal", "audio"]
-        batch_size, lr = 4, 2e-4
+        batch_size, lr = batch_size or 4, 2e-4
     else:
         clip = {"num_frames": CLIP_LENGTH, "num_motion_frames": MOTION_FRAMES}
         trainable = ["temporal", "speed"]
-        batch_size, lr = 4, 2e-4
+        batch_size, lr = batch_size or 4, 2e-4
     return {
         "stage": stage,
         "output_dir": str(work / (name or f"stage{stage}")),
@@ -293,7 +297,7 @@ def stage_config(
             "root": [str(r) for r in roots] if len(roots) > 1 else str(roots[0]),
             "resolution": RESOLUTION,
             "audio_features": "compute",
-            "num_workers": 1,
+            "num_workers": loader_workers,
             "samples_per_clip": 4,
             **clip,
         },
@@ -303,6 +307,7 @@ def stage_config(
             "lr_warmup_steps": 50,
             "batch_size": batch_size,
             "max_steps": steps,
+            "max_minutes": max_minutes,
             "mixed_precision": "no",
             "gradient_checkpointing": False,
             "use_8bit_adam": False,
@@ -397,6 +402,16 @@ def main(argv: list[str] | None = None) -> None:
         help="stages 2-3: chance of training without motion frames",
     )
     parser.add_argument("--learning-rate", type=float, help="stages 2-3 (default 2e-4)")
+    parser.add_argument("--batch-size", type=int, help="stages 2-3 (default 4; more on a GPU)")
+    parser.add_argument("--loader-workers", type=int, default=1, help="data loader processes of stages 2-3")
+    parser.add_argument(
+        "--stage2-minutes",
+        type=float,
+        default=0.0,
+        help="> 0: stage 2 ends (checkpoint, export) at the first step after this many minutes, "
+        "or at --stage2-steps if sooner",
+    )
+    parser.add_argument("--stage3-minutes", type=float, default=0.0, help="as --stage2-minutes")
     parser.add_argument(
         "--mask-reference-mouth",
         action="store_true",
@@ -424,6 +439,12 @@ def main(argv: list[str] | None = None) -> None:
         "mouth region of every frame, `mouth_drive` of the backbone and the audio projection) before stage 2",
     )
     parser.add_argument("--mouth-head-steps", type=int, default=1500, help="fitting the mouth drive's head")
+    parser.add_argument(
+        "--mouth-head-hidden",
+        type=int,
+        default=0,
+        help="the mouth head's hidden width; 0 (default): linear, which followed new voices better",
+    )
     parser.add_argument("--workers", type=int, default=2, help="data preparation processes")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -464,6 +485,8 @@ def main(argv: list[str] | None = None) -> None:
         motion_dropout=args.motion_dropout,
         learning_rate=args.learning_rate,
         seed=args.seed,
+        batch_size=args.batch_size,
+        loader_workers=args.loader_workers,
     )
     if args.continue_from is not None:
         continue_training(args, work, clips, photos, options, talking)
@@ -514,7 +537,8 @@ def main(argv: list[str] | None = None) -> None:
     for stage, steps in ((1, stage1_steps), (2, args.stage2_steps), (3, args.stage3_steps)):
         started = time.time()
         roots = [clips, photos] if stage == 1 else [clips, *talking]
-        previous = run_stage(stage, work, roots, steps, previous, **(options if stage > 1 else {}))
+        stage_options = stage_minutes(args, stage, options)
+        previous = run_stage(stage, work, roots, steps, previous, **stage_options)
         if done(f"stage{stage}", started):
             return
 
@@ -541,6 +565,14 @@ def export(pipe: EmoPipeline, stage_pipeline: Path, out: Path, config_from: Path
             shutil.copy(folder / "training_config.yaml", out / "training_config.yaml")
             break
     logger.info("small model -> %s", out)
+
+
+def stage_minutes(args, stage: int, options: dict) -> dict:
+    """The `stage_config` options of `stage`: stage 1 none (its own settings), stages 2-3 `options` and their
+    --stage<n>-minutes."""
+    if stage == 1:
+        return {}
+    return options | {"max_minutes": getattr(args, f"stage{stage}_minutes")}
 
 
 def behaviour_switches(args) -> dict:
@@ -584,12 +616,15 @@ def with_small_layout(source: Path, out: Path, switches: dict | None = None) -> 
     return out
 
 
-def with_mouth_drive(source: Path, out: Path, clips: Path, head_steps: int, **fit_options) -> Path:
+def with_mouth_drive(
+    source: Path, out: Path, clips: Path, head_steps: int, head_hidden: int = 0, **fit_options
+) -> Path:
     """`source` with a mouth drive, saved to `out` (done once; `source` itself when it has one): a mouth head on
     its audio projection, fitted to the opening measured on the real `clips` from the frozen audio encoder's
     features (`training.mouth.fit_mouth_head`, figures in `out/mouth_head.json`), and the backbone's
-    zero-initialised `mouth_drive_in`, so the model starts out predicting exactly what it did. `fit_options`: those
-    of `fit_mouth_head`."""
+    zero-initialised `mouth_drive_in`, so the model starts out predicting exactly what it did. `head_hidden`: the
+    head's hidden width, 0 for linear (`AudioProjection.mouth_head_hidden`). `fit_options`: those of
+    `fit_mouth_head`."""
     from pipeline.models import AudioProjection, EmoUNet3DModel
 
     from .mouth import fit_mouth_head
@@ -599,9 +634,10 @@ def with_mouth_drive(source: Path, out: Path, clips: Path, head_steps: int, **fi
     if (out / "model_index.json").is_file():
         return out
     pipe = EmoPipeline.from_pretrained(source)
+    added = {"denoising_unet": {}, "audio_projection": {"mouth_head_hidden": head_hidden}}
     for name, cls in (("denoising_unet", EmoUNet3DModel), ("audio_projection", AudioProjection)):
         old = getattr(pipe, name)
-        new = cls.from_config(old.config, mouth_drive=True)
+        new = cls.from_config(old.config, mouth_drive=True, **added[name])
         result = new.load_state_dict(old.state_dict(), strict=False)
         if result.unexpected_keys or any(
             not k.startswith(("mouth_drive_in.", "mouth_head.")) for k in result.missing_keys
@@ -612,7 +648,7 @@ def with_mouth_drive(source: Path, out: Path, clips: Path, head_steps: int, **fi
     logger.info("mouth head: r %.3f on training windows, %.3f on held-out videos", figures["train_r"],
                 figures["heldout_r"])  # fmt: skip
     pipe.save_pretrained(out)
-    (out / "mouth_head.json").write_text(json.dumps(figures | {"steps": head_steps}))
+    (out / "mouth_head.json").write_text(json.dumps(figures | {"steps": head_steps, "hidden": head_hidden}))
     return out
 
 
@@ -631,14 +667,16 @@ def continue_training(
         )
     previous = with_small_layout(source, work / "init_continued", behaviour_switches(args))
     if args.mouth_drive:
-        previous = with_mouth_drive(previous, work / "init_mouth_drive", clips, args.mouth_head_steps)
+        previous = with_mouth_drive(
+            previous, work / "init_mouth_drive", clips, args.mouth_head_steps, args.mouth_head_hidden
+        )
     stages = ((1, args.stage1_steps or 0), (2, args.stage2_steps), (3, args.stage3_steps))
     for stage, steps in stages:
         if steps == 0:
             continue
         started = time.time()
         roots = [clips, photos] if stage == 1 else [clips, *talking]
-        stage_options = options if stage > 1 else {}
+        stage_options = stage_minutes(args, stage, options)
         previous = run_stage(
             stage, work, roots, steps, previous, name=f"stage{stage}_continued", **stage_options
         )

@@ -722,8 +722,10 @@ def train(config: Config, resume: str | None = None) -> dict:
     last_loss = math.nan
     losses: list[float] = []
     tick, samples = time.perf_counter(), 0
+    deadline = time.perf_counter() + 60 * t.max_minutes if t.max_minutes > 0 else math.inf
+    out_of_time = False
     model.train()
-    while state.step < t.max_steps:
+    while state.step < t.max_steps and not out_of_time:
         sampler.start_epoch(state.epoch)
         epoch_loader = loader
         if state.batches_in_epoch:
@@ -762,7 +764,12 @@ def train(config: Config, resume: str | None = None) -> dict:
                     step=state.step,
                 )
                 tick, samples = time.perf_counter(), 0
-            if state.step % config.checkpointing.every == 0 or state.step == t.max_steps:
+            out_of_time = time.perf_counter() >= deadline
+            if out_of_time:
+                logger.info(
+                    "stage %d: max_minutes %.1f reached at step %d", config.stage, t.max_minutes, state.step
+                )
+            if state.step % config.checkpointing.every == 0 or state.step == t.max_steps or out_of_time:
                 save_checkpoint(accelerator, output_dir, state.step, config.checkpointing.keep)
             if (
                 config.validation.every
@@ -771,7 +778,7 @@ def train(config: Config, resume: str | None = None) -> dict:
             ):
                 with _ema_weights(ema, params):
                     run_validation(pipe, config, state.step, accelerator)
-            if state.step >= t.max_steps:
+            if state.step >= t.max_steps or out_of_time:
                 break
         else:
             state.epoch += 1

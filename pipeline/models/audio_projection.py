@@ -6,7 +6,8 @@ Hallo's `AudioProjModel` (`proj1`, `proj2`, `proj3`, `norm`), so its trained wei
 `mouth_drive=True` (the small embedded model) adds `mouth_head`: the same window -> the mouth opening of the
 frame, in per-video standard deviations (`training.mouth.fit_mouth_head` fits it to the lip gap MediaPipe
 measured on real clips). The backbone draws it into the mouth region of every frame (its `mouth_drive`), a
-direct, local path from the voice to the lips next to the audio attention.
+direct, local path from the voice to the lips next to the audio attention. `mouth_head_hidden`: the head's
+hidden width (GELU MLP), or 0 for a single linear map.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class AudioProjection(ModelMixin, ConfigMixin):
         output_dim: int = 768,
         context_tokens: int = 32,
         mouth_drive: bool = False,
+        mouth_head_hidden: int = 64,
     ):
         super().__init__()
         self.proj1 = nn.Linear((2 * window + 1) * num_layers * feature_dim, intermediate_dim)
@@ -44,9 +46,12 @@ class AudioProjection(ModelMixin, ConfigMixin):
         self.norm = nn.LayerNorm(output_dim)
         self.mouth_head = None
         if mouth_drive:
-            self.mouth_head = nn.Sequential(
-                nn.Linear((2 * window + 1) * num_layers * feature_dim, 64), nn.GELU(), nn.Linear(64, 1)
-            )
+            inputs = (2 * window + 1) * num_layers * feature_dim
+            if mouth_head_hidden:
+                layers = [nn.Linear(inputs, mouth_head_hidden), nn.GELU(), nn.Linear(mouth_head_hidden, 1)]
+            else:  # linear: generalises better to voices unlike the training speakers'
+                layers = [nn.Linear(inputs, 1)]
+            self.mouth_head = nn.Sequential(*layers)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features: (b, f, layers, dim) per video frame -> audio tokens (b, f, context_tokens, output_dim)."""
