@@ -140,3 +140,25 @@ def test_training_reaches_the_drive_conv_and_leaves_the_fitted_head_alone():
     assert drawn[0].abs().sum() > 0 and not drawn[1].any()  # the sample whose audio was dropped: no drive
     opening = pipe.audio_projection.mouth_opening(args["audio_features"])[0, m:-m]
     torch.testing.assert_close(drawn[0, :, 0, 9:13, 5:11], opening[:, None, None].expand(f, 4, 6).detach())
+
+
+def test_the_drive_conv_can_learn_faster_than_the_rest_of_the_backbone():
+    from training.config import config_from_dict
+    from training.train import make_optimizer
+
+    pipe = with_mouth_drive(tiny_pipeline())
+    unet = pipe.denoising_unet
+    params = list(unet.parameters())
+    values = {"stage": 2, "output_dir": "unused", "init": {"pipeline": "unused"}}
+    values["train"] = {"learning_rate": 1e-4, "use_8bit_adam": False}
+    plain = make_optimizer(config_from_dict(values), params, pipe)
+    assert len(plain.param_groups) == 1 and plain.param_groups[0]["lr"] == 1e-4
+    values["train"]["mouth_drive_lr_scale"] = 20
+    fast = make_optimizer(config_from_dict(values), params, pipe)
+    slow_group, fast_group = fast.param_groups
+    assert fast_group["lr"] == pytest.approx(2e-3) and slow_group["lr"] == 1e-4
+    assert {id(p) for p in fast_group["params"]} == {id(p) for p in unet.mouth_drive_in.parameters()}
+    assert len(slow_group["params"]) == len(params) - 2
+    # a stage in which the conv does not train (stage 3) gets one group
+    others = [p for p in params if all(p is not q for q in unet.mouth_drive_in.parameters())]
+    assert len(make_optimizer(config_from_dict(values), others, pipe).param_groups) == 1

@@ -283,7 +283,6 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(workspace):
     assert all(torch.equal(a[k], b[k]) for k in a)  # EMA weights exported by both
 
 
-
 def test_a_time_limit_ends_the_stage_with_a_checkpoint_and_an_export_and_resuming_goes_on(workspace):
     root = workspace["root"]
     if not (root / "stage1" / "pipeline").is_dir():
@@ -294,8 +293,11 @@ def test_a_time_limit_ends_the_stage_with_a_checkpoint_and_an_export_and_resumin
     assert result["step"] == 1 and result["export"] == root / "timed" / "pipeline"
     assert [p.name for p in list_checkpoints(root / "timed")] == ["checkpoint-1"]
     assert (root / "timed" / "pipeline" / "model_index.json").is_file()
-    result = train(stage_config(workspace, 2, "timed", *settings), resume="latest")  # no limit: on to max_steps
+    result = train(
+        stage_config(workspace, 2, "timed", *settings), resume="latest"
+    )  # no limit: on to max_steps
     assert result["step"] == 5 and [p.name for p in list_checkpoints(root / "timed")] == ["checkpoint-5"]
+
 
 # ------------------------------------------------------------------------------------------------ small model parts
 def test_photos_become_pseudo_clips_that_stage1_reads_with_the_videos(workspace, tmp_path):
@@ -396,7 +398,10 @@ def test_a_mouth_drive_model_fits_its_head_to_the_measured_mouth_and_starts_wher
     pipe = EmoPipeline.from_pretrained(out)
     assert pipe.denoising_unet.config.mouth_drive and not pipe.denoising_unet.mouth_drive_in.weight.any()
     assert pipe.audio_projection.config.mouth_head_hidden == 0  # the default head: one linear map
-    assert len(pipe.audio_projection.mouth_head) == 1 and pipe.audio_projection.mouth_head[0].weight.abs().sum() > 0
+    assert (
+        len(pipe.audio_projection.mouth_head) == 1
+        and pipe.audio_projection.mouth_head[0].weight.abs().sum() > 0
+    )
     for k, v in pipe.audio_encoder.state_dict().items():
         torch.testing.assert_close(v, encoder_before[k])  # the encoder stays frozen
     assert with_mouth_drive(out, workspace["root"] / "again", workspace["data"], 10) == out  # has one already

@@ -129,6 +129,7 @@ class OptimConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     condition_dropout: ConditionDropout = field(default_factory=ConditionDropout)
+    mouth_drive_lr_scale: float = 1.0  # the backbone's mouth-drive conv learns at this times learning_rate
     mouth_weight: float = 0.0  # extra loss weight on the mouth region (loss x (1 + w) there); 0: plain MSE
     ema: bool = False
     ema_decay: float = 0.9999

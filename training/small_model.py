@@ -273,6 +273,7 @@ def stage_config(
     batch_size: int | None = None,
     loader_workers: int = 1,
     max_minutes: float = 0.0,
+    mouth_drive_lr_scale: float = 1.0,
 ) -> dict:
     """The `training.train` config of one stage; `name` (default "stage<n>") is its folder under `work`; stage n
     trains with seed n + `seed` (the sample order and noise draws). `batch_size` (stages 2-3; default 4) and
@@ -312,6 +313,7 @@ def stage_config(
             "gradient_checkpointing": False,
             "use_8bit_adam": False,
             "mouth_weight": 0.0 if stage == 1 else mouth_weight,
+            "mouth_drive_lr_scale": mouth_drive_lr_scale,
             "ema": True,
             "ema_decay": 0.995,
             "seed": stage + seed,
@@ -440,6 +442,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--mouth-head-steps", type=int, default=1500, help="fitting the mouth drive's head")
     parser.add_argument(
+        "--mouth-drive-lr-scale",
+        type=float,
+        default=1.0,
+        help="stages 2-3: the backbone's mouth-drive conv learns at this times the learning rate",
+    )
+    parser.add_argument(
         "--mouth-head-hidden",
         type=int,
         default=0,
@@ -487,6 +495,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         batch_size=args.batch_size,
         loader_workers=args.loader_workers,
+        mouth_drive_lr_scale=args.mouth_drive_lr_scale,
     )
     if args.continue_from is not None:
         continue_training(args, work, clips, photos, options, talking)

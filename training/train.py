@@ -381,7 +381,11 @@ def make_dataset(config: Config, pipe: EmoPipeline, audio_features_dir: Path | N
     return dataset
 
 
-def make_optimizer(config: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(
+    config: Config, params: list[nn.Parameter], pipe: EmoPipeline | None = None
+) -> torch.optim.Optimizer:
+    """AdamW (8-bit with `use_8bit_adam`) over `params`; the backbone's mouth-drive conv of `pipe`, when it
+    trains, at `mouth_drive_lr_scale` times the learning rate (a new zero-initialised path learns slowly)."""
     t = config.train
     kwargs = dict(
         lr=t.learning_rate,
@@ -389,11 +393,19 @@ def make_optimizer(config: Config, params: list[nn.Parameter]) -> torch.optim.Op
         weight_decay=t.adam_weight_decay,
         eps=t.adam_epsilon,
     )
+    drive = getattr(pipe.denoising_unet, "mouth_drive_in", None) if pipe is not None else None
+    boosted = (
+        {id(p) for p in drive.parameters()} if drive is not None and t.mouth_drive_lr_scale != 1 else set()
+    )
+    groups = [p for p in params if id(p) not in boosted]
+    if boosted & {id(p) for p in params}:
+        fast = [p for p in params if id(p) in boosted]
+        groups = [{"params": groups}, {"params": fast, "lr": t.learning_rate * t.mouth_drive_lr_scale}]
     if t.use_8bit_adam:
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ one step
@@ -690,7 +702,7 @@ def train(config: Config, resume: str | None = None) -> dict:
         raise ValueError(f"{len(dataset)} samples is less than one batch of {t.batch_size}")
 
     # 3. Optimiser, schedule, EMA, state; accelerate wraps them
-    optimizer = make_optimizer(config, params)
+    optimizer = make_optimizer(config, params, pipe)
     lr_scheduler = get_scheduler(
         "constant_with_warmup", optimizer, num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes
     )
