@@ -117,9 +117,8 @@ class OptimConfig:
     batch_size: int = 4
     gradient_accumulation_steps: int = 1
     max_steps: int = 30_000
-    max_minutes: float = (
-        0.0  # > 0: also stop (checkpoint, export) at the first step after this much of this run
-    )
+    # > 0: also stop (checkpoint, export) at the first step after this many minutes of this run
+    max_minutes: float = 0.0
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = True
     use_8bit_adam: bool = True

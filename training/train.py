@@ -777,6 +777,9 @@ def train(config: Config, resume: str | None = None) -> dict:
                 )
                 tick, samples = time.perf_counter(), 0
             out_of_time = time.perf_counter() >= deadline
+            if t.max_minutes > 0 and accelerator.num_processes > 1:  # every process stops at the same step
+                flag = torch.tensor(float(out_of_time), device=accelerator.device)
+                out_of_time = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
             if out_of_time:
                 logger.info(
                     "stage %d: max_minutes %.1f reached at step %d", config.stage, t.max_minutes, state.step
