@@ -90,9 +90,8 @@ def synthetic_speech_figures(
         opening = mouth_opening(frames)
         sheet.append([portrait, *frames[:: max(1, len(frames) // 8)][:8]])
         drive = {}
-        if (
-            pipe.audio_projection.mouth_head is not None
-        ):  # what the mouth drive asked for, by the same measure
+        # a mouth-drive model: the opening its head asked for, by the same measure
+        if pipe.audio_projection.mouth_head is not None:
             with torch.no_grad():
                 features = pipe.audio_frame_features(audio, len(frames), 25.0, pipe.device)
                 asked = pipe.audio_projection.mouth_opening(features)[0].float().cpu().numpy()

@@ -293,9 +293,8 @@ def test_a_time_limit_ends_the_stage_with_a_checkpoint_and_an_export_and_resumin
     assert result["step"] == 1 and result["export"] == root / "timed" / "pipeline"
     assert [p.name for p in list_checkpoints(root / "timed")] == ["checkpoint-1"]
     assert (root / "timed" / "pipeline" / "model_index.json").is_file()
-    result = train(
-        stage_config(workspace, 2, "timed", *settings), resume="latest"
-    )  # no limit: on to max_steps
+    # resumed without the limit: on to max_steps
+    result = train(stage_config(workspace, 2, "timed", *settings), resume="latest")
     assert result["step"] == 5 and [p.name for p in list_checkpoints(root / "timed")] == ["checkpoint-5"]
 
 

@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> None:
     for stage, steps in ((1, stage1_steps), (2, args.stage2_steps), (3, args.stage3_steps)):
         started = time.time()
         roots = [clips, photos] if stage == 1 else [clips, *talking]
-        stage_options = stage_minutes(args, stage, options)
+        stage_options = options_of_stage(args, stage, options)
         previous = run_stage(stage, work, roots, steps, previous, **stage_options)
         if done(f"stage{stage}", started):
             return
@@ -576,7 +576,7 @@ def export(pipe: EmoPipeline, stage_pipeline: Path, out: Path, config_from: Path
     logger.info("small model -> %s", out)
 
 
-def stage_minutes(args, stage: int, options: dict) -> dict:
+def options_of_stage(args, stage: int, options: dict) -> dict:
     """The `stage_config` options of `stage`: stage 1 none (its own settings), stages 2-3 `options` and their
     --stage<n>-minutes."""
     if stage == 1:
@@ -685,7 +685,7 @@ def continue_training(
             continue
         started = time.time()
         roots = [clips, photos] if stage == 1 else [clips, *talking]
-        stage_options = stage_minutes(args, stage, options)
+        stage_options = options_of_stage(args, stage, options)
         previous = run_stage(
             stage, work, roots, steps, previous, name=f"stage{stage}_continued", **stage_options
         )

@@ -393,14 +393,14 @@ def make_optimizer(
         weight_decay=t.adam_weight_decay,
         eps=t.adam_epsilon,
     )
+    groups = params
     drive = getattr(pipe.denoising_unet, "mouth_drive_in", None) if pipe is not None else None
-    boosted = (
-        {id(p) for p in drive.parameters()} if drive is not None and t.mouth_drive_lr_scale != 1 else set()
-    )
-    groups = [p for p in params if id(p) not in boosted]
-    if boosted & {id(p) for p in params}:
-        fast = [p for p in params if id(p) in boosted]
-        groups = [{"params": groups}, {"params": fast, "lr": t.learning_rate * t.mouth_drive_lr_scale}]
+    if drive is not None and t.mouth_drive_lr_scale != 1:
+        fast_ids = {id(p) for p in drive.parameters()}
+        fast = [p for p in params if id(p) in fast_ids]
+        if fast:
+            rest = [p for p in params if id(p) not in fast_ids]
+            groups = [{"params": rest}, {"params": fast, "lr": t.learning_rate * t.mouth_drive_lr_scale}]
     if t.use_8bit_adam:
         import bitsandbytes as bnb
 
