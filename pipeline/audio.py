@@ -2,8 +2,10 @@
 
 Decoding runs the ffmpeg binary bundled with ``imageio-ffmpeg`` in a subprocess and reads raw float32 PCM
 from its stdout, so wav, mp3, m4a/aac, flac, ogg/vorbis/opus and the soundtrack of a video (mp4, mov,
-webm, mkv) all load the same way. Resampling also goes through ffmpeg (its ``swresample`` windowed-sinc
-resampler), from a file or from samples piped in. Only numpy, the standard library and (when decoding)
+webm, mkv) all load the same way; a 16-bit PCM wav at the asked rate (as ``write_wav`` writes them) is read
+directly with the standard library, with the same values, so that prepared training data loads on machines
+without ffmpeg. Resampling also goes through ffmpeg (its ``swresample`` windowed-sinc resampler), from a
+file or from samples piped in. Only numpy, the standard library and (when decoding)
 imageio_ffmpeg are imported here.
 
 Mono and stereo files keep their channels (the soundtrack of the output video uses them); files with
@@ -189,6 +191,9 @@ def _decode_file(path: Path, sampling_rate: int | None, max_duration: float | No
     if not path.is_file():
         problem = "it is a folder, not a file" if path.is_dir() else "the file does not exist"
         raise AudioLoadError(f"Could not read audio from '{path}': {problem}. Check the path.")
+    direct = _read_pcm_wav(path, sampling_rate, max_duration)
+    if direct is not None:
+        return direct
     native_rate, channels, probed_duration = _probe(path)
     rate = sampling_rate or native_rate
     command = [_ffmpeg(), "-nostdin", "-v", "error", "-i", _ffmpeg_path(path), "-map", "0:a:0"]
@@ -206,6 +211,30 @@ def _decode_file(path: Path, sampling_rate: int | None, max_duration: float | No
     audio = Audio(samples, rate, str(path))
     truncated = max_duration is not None and audio.duration > max_duration
     return audio, max(audio.duration, probed_duration or 0.0) if truncated else audio.duration
+
+
+def _read_pcm_wav(
+    path: Path, sampling_rate: int | None, max_duration: float | None
+) -> tuple[Audio, float] | None:
+    """As `_decode_file` for a mono or stereo 16-bit PCM wav whose rate is `sampling_rate` (or any rate when
+    None), read with `wave` (samples / 32768, as ffmpeg converts them); None for any other file."""
+    if path.suffix.lower() != ".wav":
+        return None
+    try:
+        with wave.open(str(path), "rb") as f:
+            rate, channels, frames = f.getframerate(), f.getnchannels(), f.getnframes()
+            other_rate = sampling_rate is not None and sampling_rate != rate
+            if f.getsampwidth() != 2 or channels not in (1, 2) or other_rate:
+                return None
+            if max_duration is not None:
+                frames = min(frames, int((max_duration + _DURATION_SLACK) * rate))
+            data = f.readframes(frames)
+            length = f.getnframes() / rate
+    except (wave.Error, EOFError):
+        return None
+    samples = np.frombuffer(data, dtype="<i2").reshape(-1, channels).T / np.float32(32768)
+    audio = Audio(np.ascontiguousarray(samples, dtype=np.float32), rate, str(path))
+    return audio, length if max_duration is not None and length > max_duration else audio.duration
 
 
 def _ffmpeg_resample(samples: np.ndarray, rate: int, new_rate: int) -> np.ndarray:

@@ -169,6 +169,33 @@ def test_write_wav_round_trips_within_16_bit_precision(tmp_path):
     np.testing.assert_allclose(audio.samples, samples, atol=1 / 32767)
 
 
+def test_pcm_wav_at_its_own_rate_reads_without_ffmpeg_and_as_ffmpeg_decodes_it(stereo_wav, monkeypatch):
+    mono = write_wav(stereo_wav.with_name("mono16k.wav"), tone(LEFT_HZ, 0.5, 16000), 16000)
+    reference = {}
+    for path in (stereo_wav, mono):  # ffmpeg's own decoding of the same files, through a copy it must decode
+        raw = subprocess.run(
+            [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-nostdin", "-i", str(path), "-f", "f32le", "-"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        channels = 2 if path == stereo_wav else 1
+        reference[path] = np.frombuffer(raw, "<f4").reshape(-1, channels).T
+
+    def no_ffmpeg():
+        raise AssertionError("ffmpeg was called")
+
+    monkeypatch.setattr("pipeline.audio._ffmpeg", no_ffmpeg)
+    stereo, speech = load_audio(stereo_wav), load_audio(mono, sampling_rate=16000, mono=True)
+
+    np.testing.assert_array_equal(stereo.samples, reference[stereo_wav])
+    np.testing.assert_array_equal(speech.samples, reference[mono])
+    assert (stereo.sampling_rate, speech.sampling_rate) == (RATE, 16000)
+    with pytest.raises(AssertionError, match="ffmpeg was called"):  # another rate still resamples with ffmpeg
+        load_audio(mono, sampling_rate=8000)
+    with pytest.raises(AudioLoadError, match="1.30 s long"):
+        load_audio(stereo_wav, max_duration=1.0)
+
+
 def assert_one_line_error(error: pytest.ExceptionInfo, *parts: str) -> None:
     message = str(error.value)
     assert "\n" not in message
