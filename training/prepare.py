@@ -143,7 +143,8 @@ def audio_frame_features(waveform: np.ndarray, num_frames: int, fps: float, enco
     from pipeline.audio_features import wav2vec_frame_features
 
     layers = encoder.config.num_hidden_layers + 1
-    return wav2vec_frame_features(encoder, extractor, waveform, num_frames, fps, num_layers=layers).cpu().numpy()
+    features = wav2vec_frame_features(encoder, extractor, waveform, num_frames, fps, num_layers=layers)
+    return features.cpu().numpy()
 
 
 # ------------------------------------------------------------------------------------------------ one video

@@ -327,9 +327,10 @@ def video_audio_features(pipe: EmoPipeline, waveform: np.ndarray, num_frames: in
 
     if pipe.behaviour.audio_features == "hallo":
         layers = pipe.audio_encoder.config.num_hidden_layers + 1
-        return hallo_frame_features(
+        features = hallo_frame_features(
             pipe.audio_encoder, pipe.feature_extractor, waveform, num_frames, num_frames, fps, layers
-        ).cpu().numpy()
+        )
+        return features.cpu().numpy()
     return audio_frame_features(waveform, num_frames, fps, pipe.audio_encoder, pipe.feature_extractor)
 
 
