@@ -23,11 +23,12 @@ def test_stage_configs_carry_the_recipe_and_its_options(tmp_path):
     assert (first.train.seed, default.train.seed) == (1, 2)  # the shipped model's documented commands
     more = config_from_dict(
         stage_config(2, tmp_path, [tmp_path / "clips"], 10, "model", name="stage2_continued", mouth_weight=8.0,
-                     motion_dropout=0.3, learning_rate=1e-4, seed=5)
+                     motion_dropout=0.3, learning_rate=1e-4, seed=5, mixed_precision="bf16")
     )  # fmt: skip
     assert Path(more.output_dir) == tmp_path / "stage2_continued" and more.init.pipeline == "model"
     assert more.train.mouth_weight == 8.0 and more.train.condition_dropout.motion == 0.3
     assert more.train.learning_rate == 1e-4 and more.train.max_steps == 10 and more.train.seed == 7
+    assert (default.train.mixed_precision, more.train.mixed_precision) == ("no", "bf16")
 
 
 def test_continuing_from_a_folder_that_is_not_a_model_is_a_clear_error(tmp_path, monkeypatch):

@@ -274,10 +274,12 @@ def stage_config(
     loader_workers: int = 1,
     max_minutes: float = 0.0,
     mouth_drive_lr_scale: float = 1.0,
+    mixed_precision: str = "no",
 ) -> dict:
     """The `training.train` config of one stage; `name` (default "stage<n>") is its folder under `work`; stage n
     trains with seed n + `seed` (the sample order and noise draws). `batch_size` (stages 2-3; default 4) and
-    `loader_workers` size it for a GPU; `max_minutes` > 0 ends it at the first step after that much time."""
+    `loader_workers` size it for a GPU, as `mixed_precision` ("bf16" there; the default "no" is fp32, as the
+    shipped model trained); `max_minutes` > 0 ends it at the first step after that much time."""
     if stage == 1:
         clip = {"num_frames": 1, "num_motion_frames": 0}
         trainable = ["backbone", "reference_net", "face_locator"]
@@ -309,7 +311,7 @@ def stage_config(
             "batch_size": batch_size,
             "max_steps": steps,
             "max_minutes": max_minutes,
-            "mixed_precision": "no",
+            "mixed_precision": mixed_precision,
             "gradient_checkpointing": False,
             "use_8bit_adam": False,
             "mouth_weight": 0.0 if stage == 1 else mouth_weight,
@@ -407,6 +409,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, help="stages 2-3 (default 4; more on a GPU)")
     parser.add_argument("--loader-workers", type=int, default=1, help="data loader processes of stages 2-3")
     parser.add_argument(
+        "--mixed-precision",
+        choices=("no", "bf16", "fp16"),
+        default="no",
+        help="stages 2-3 on a GPU: autocast (the two fp32 runs on an H200 were GPU-bound at 1.5-1.8 steps/s)",
+    )
+    parser.add_argument(
         "--stage2-minutes",
         type=float,
         default=0.0,
@@ -496,6 +504,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         loader_workers=args.loader_workers,
         mouth_drive_lr_scale=args.mouth_drive_lr_scale,
+        mixed_precision=args.mixed_precision,
     )
     if args.continue_from is not None:
         continue_training(args, work, clips, photos, options, talking)
