@@ -229,6 +229,7 @@ def _read_pcm_wav(
             if max_duration is not None:
                 frames = min(frames, int((max_duration + _DURATION_SLACK) * rate))
             data = f.readframes(frames)
+            data = data[: len(data) - len(data) % (2 * channels)]  # a cut-off file ends mid-sample
             length = f.getnframes() / rate
     except (wave.Error, EOFError):
         return None
