@@ -44,7 +44,9 @@ def _audioop():
             warnings.simplefilter("ignore", DeprecationWarning)
             import audioop
     except ImportError as error:
-        raise SystemExit("device_pack needs Python 3.12 or older (its audio codec, audioop)") from error
+        raise RuntimeError(
+            "device_pack needs Python 3.12 or older: its audio codec is the audioop module"
+        ) from error
     return audioop
 
 
