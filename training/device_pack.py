@@ -50,6 +50,11 @@ def _audioop():
     return audioop
 
 
+def _cast(weights: dict, dtype) -> dict:
+    """A state dict with its floating tensors in `dtype` (the others, e.g. integer buffers, as they are)."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+
+
 # ------------------------------------------------------------------------------------------------ pack
 def pack(work: Path, out: Path, shards: int = 8, crf: int = 18) -> dict:
     """`work`'s prepared data -> `out` (frames*.mp4, audio.adpcm, meta.tar.xz, index.json); returns counts."""
@@ -69,7 +74,9 @@ def pack(work: Path, out: Path, shards: int = 8, crf: int = 18) -> dict:
             elif path.is_file() and path.suffix != ".jpg":
                 other.append(path)
     with tarfile.open(out / "meta.tar.xz", "w:xz") as tar:
-        for path in other + [p for p in [work / "photos" / "DONE"] if p.is_file()]:
+        if (work / "photos" / "DONE").is_file():
+            other.append(work / "photos" / "DONE")
+        for path in other:
             tar.add(path, arcname=str(path.relative_to(work)))
 
     blobs, audio_index = {}, []
@@ -174,6 +181,7 @@ def unpack(pack_dir: Path, work: Path, workers: int | None = None) -> int:
 # ------------------------------------------------------------------------------------------------ models
 def collect(model: Path, out: Path, name: str) -> list[Path]:
     """A trained model's folder without `KEPT_AS_IS`, weights as fp16, tarred -> out/name.tar.0, .1, ..."""
+    import torch
     from safetensors.torch import load_file, save
 
     model, out = Path(model), Path(out)
@@ -185,7 +193,7 @@ def collect(model: Path, out: Path, name: str) -> list[Path]:
                 continue
             data = path.read_bytes()
             if path.suffix == ".safetensors":
-                data = save({k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()})
+                data = save(_cast(load_file(path), torch.float16))
             info = tarfile.TarInfo(str(path.relative_to(model)))
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -198,6 +206,7 @@ def collect(model: Path, out: Path, name: str) -> list[Path]:
 
 def restore(base: Path, chunks: list[Path], out: Path) -> Path:
     """A copy of `base` (the model the training started from) with `collect`'s chunks over it, upcast to fp32."""
+    import torch
     from safetensors.torch import load, save_file
 
     chunks = sorted(chunks, key=lambda p: int(Path(p).name.rsplit(".", 1)[1]))
@@ -214,8 +223,7 @@ def restore(base: Path, chunks: list[Path], out: Path) -> Path:
             content = tar.extractfile(member).read()
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.suffix == ".safetensors":
-                weights = load(content)
-                save_file({k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, target)
+                save_file(_cast(load(content), torch.float32), target)
             else:
                 target.write_bytes(content)
     return out
