@@ -205,3 +205,36 @@ def test_a_model_that_hides_the_mouth_gets_the_portrait_without_it_in_the_pipeli
     seen.clear()
     model(**args, reference_mouth_mask=torch.from_numpy(mouth)[None, None])
     torch.testing.assert_close(seen[0], injected[None])
+
+
+@torch.no_grad()
+def test_the_reference_mouth_probe_swaps_the_injected_latents_of_the_guided_rows_only():
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "probe_reference_mouth.py"
+    spec = importlib.util.spec_from_file_location("probe_reference_mouth", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    with_injected = probe.with_injected
+    pipe = injected_pipeline()
+    unet = pipe.denoising_unet
+    seen = []
+    spy = unet.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["reference_latents"].clone()), with_kwargs=True
+    )
+    inputs = backbone_inputs(unet)
+    inputs = {
+        k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.ndim > 0 else v for k, v in inputs.items()
+    }
+    inputs["reference_tokens"] = {k: torch.cat([v, v]) for k, v in inputs["reference_tokens"].items()}
+    given = torch.stack([torch.ones(4, 8, 8), torch.zeros(4, 8, 8)])  # a guided row and an unguided one
+    swap = torch.full((1, 4, 8, 8), 3.0)
+    handle = with_injected(pipe, swap)  # registered after the spy: the spy sees what came in
+    swapped = unet(**inputs, reference_latents=given).sample
+    handle.remove()
+    plain = unet(**inputs, reference_latents=given).sample
+    spy.remove()
+    assert all(torch.equal(s, given) for s in seen)
+    expected = unet(**inputs, reference_latents=torch.stack([swap[0], torch.zeros(4, 8, 8)])).sample
+    torch.testing.assert_close(swapped, expected)
+    assert not torch.allclose(swapped[0], plain[0]) and torch.equal(swapped[1], plain[1])
