@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -107,6 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "probe")
     args = parser.parse_args(argv)
+    if not shutil.which("espeak-ng"):
+        raise SystemExit(
+            "espeak-ng is not installed (Debian: apt-get install espeak-ng): the probe speaks with it"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = EmoPipeline.from_pretrained(args.model)
