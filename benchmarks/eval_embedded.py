@@ -11,8 +11,8 @@ video is made with seed 0 and the model's own default settings, or the preset, s
   real held-out clips (the ceiling of this measure); and on clear synthetic speech (espeak-ng, when it is
   installed): every held-out portrait saying one sentence in 5 voices and languages (en-us, en+f3, de, fr,
   es, in turn), 4 s, where loudness marks the syllables well (`--espeak-only`: these cases alone); for a
-  model with a mouth drive also "drive_r", the same measure of the opening its mouth head asked for, and
-  "mouth_vs_drive_r", the correlation of the generated opening with it (how well the denoiser follows);
+  model with a mouth head (a mouth drive or a posed reference) also "drive_r", the same measure of the
+  opening its mouth head asked for, and "mouth_vs_drive_r", the correlation of the generated opening with it (how well the denoiser follows);
 - identity: the 32x32 colour distance of each video's frames to every portrait; "nearest" is the share of
   videos closest to their own portrait, "margin" the mean gap to the nearest other portrait; the same with
   SSIM at full resolution (structure: a blurry generic face in the portrait's colours scores low);

@@ -37,8 +37,8 @@ from pipeline import EmoPipeline  # noqa: E402
 from pipeline.audio import load_audio  # noqa: E402
 from pipeline.face import crop_face, face_landmarks  # noqa: E402
 from pipeline.metrics import CHIN, FOREHEAD, contact_sheet, mouth_opening  # noqa: E402
+from pipeline.mouth_pose import open_mouth  # noqa: E402
 from training.splits import heldout_files  # noqa: E402
-from training.talking_photos import open_mouth  # noqa: E402
 
 SR = 16_000
 SENTENCE = "The quick brown fox jumps over the lazy dog."

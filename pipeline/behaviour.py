@@ -30,6 +30,12 @@ class Behaviour:
     # frame have its mouth region (`face.mouth_mask` of its face box) faded out, so that the mouth is drawn from
     # the voice rather than copied from the photo (training hides it the same way)
     mask_reference_mouth: bool = False
+    # models with `reference_latent_channels` and a mouth head (`AudioProjection.mouth_opening`, the small
+    # embedded model): > 0 makes the injected latents a posed reference, the portrait once per frame with its mouth
+    # opened (`pipeline.mouth_pose`) by the voice's predicted opening (0 closed .. 1 wide, the 5th and 95th
+    # percentiles of a real speaker's) times this fraction of the face height; training opens the reference by
+    # the target frame's measured mouth. 0: the one still portrait
+    posed_reference: float = 0.0
     # --- Hallo's inference as it really runs (each looks accidental, each shapes its published output) ---
     # the ReferenceNet batch is [reference, motion frames...] for the unconditional then the conditional
     # branch, and its cross-attention context [uncond, cond] identity tokens is tiled over it row by row
@@ -55,6 +61,8 @@ class Behaviour:
         for name, allowed in self.CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"behaviour.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.posed_reference < 0 or (self.posed_reference and self.mask_reference_mouth):
+            raise ValueError("behaviour.posed_reference must be >= 0 and excludes mask_reference_mouth")
         if self.reference_frames_alternate and not self.reference_identity_interleave:
             raise ValueError("behaviour.reference_frames_alternate needs reference_identity_interleave")
 

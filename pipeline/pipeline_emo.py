@@ -95,7 +95,8 @@ class ClipConditions:
     identity: tuple[torch.Tensor, torch.Tensor] | None  # (null, conditional) identity tokens, (1, k, d) each
     region_masks: dict[tuple[int, int], torch.Tensor] | None  # (h, w) -> (1, h*w, 3)
     region_weights: tuple[float, float, float]
-    # (1, c, h, w) the reference's latents for a backbone with `reference_latent_channels`, else None
+    # (1, c, h, w) the reference's latents for a backbone with `reference_latent_channels`, else None; with
+    # `behaviour.posed_reference` (1, c, f, h, w), one per frame
     reference_latents: torch.Tensor | None = None
     # (1, f, h, w) the clip's mouth-opening maps for a backbone with `mouth_drive`, else None
     mouth_drive: torch.Tensor | None = None
@@ -452,6 +453,25 @@ class EmoPipeline(DiffusionPipeline):
             .to(device)
         )
 
+    def posed_reference_latents(self, image: PIL.Image.Image, opening: np.ndarray) -> torch.Tensor:
+        """The portrait at model size with its mouth opened frame by frame (`opening`: the mouth head's values,
+        0 closed .. 1 wide; `behaviour.posed_reference` of the face height at 1) -> latents (1, c, frames, h, w).
+        Without a face found, the still portrait in every frame (a warning says so)."""
+        from .face import face_landmarks
+        from .mouth_pose import face_height, posed_frames
+
+        portrait = np.asarray(image.convert("RGB"))
+        landmarks = face_landmarks(portrait)
+        if landmarks is None:
+            logger.warning("No face found in the reference image: its mouth cannot follow the voice.")
+            frames, index = portrait[None], np.zeros(len(opening), dtype=np.int64)
+        else:
+            fraction = np.clip(opening, 0.0, 1.2) * self.behaviour.posed_reference
+            frames, index = posed_frames(portrait, landmarks, fraction * face_height(landmarks))
+        pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        latents = torch.cat([self.encode_image(chunk) for chunk in pixels.split(16)])
+        return latents[torch.from_numpy(index).to(latents.device)].permute(1, 0, 2, 3)[None]
+
     def prepare_mouth_mask(
         self, image: PIL.Image.Image, device, purpose: str = "hidden from the model"
     ) -> torch.Tensor | None:
@@ -769,6 +789,10 @@ class EmoPipeline(DiffusionPipeline):
             hide = self.behaviour.mask_reference_mouth
             mouth = self.prepare_mouth_mask(reference_pil, device) if hide else None
             injected = reference_latents if mouth is None else hide_mouth(reference_latents, mouth)
+        posed = None  # (1, c, frames, h, w): the portrait with each frame's mouth opening, a posed reference
+        if injected is not None and self.behaviour.posed_reference:
+            opening = self.audio_projection.mouth_opening(audio_features)[0].float().cpu().numpy()
+            posed = self.posed_reference_latents(reference_pil, opening).to(reference_latents.dtype)
         mouth_drive = None
         if self.denoising_unet.config.mouth_drive:  # the voice's mouth opening drawn into the mouth region
             region = self.prepare_mouth_mask(reference_pil, device, purpose="drawn from the voice")
@@ -834,6 +858,8 @@ class EmoPipeline(DiffusionPipeline):
                     mouth_drive=mouth_drive[:, frames_slice] if mouth_drive is not None else None,
                     **conditions,
                 )  # fmt: skip
+                if posed is not None:
+                    conds.reference_latents = posed[:, :, frames_slice]
 
                 # 5b. Denoising loop (the branches' inputs are built once per clip)
                 built: dict = {}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.face import face_landmarks
@@ -153,3 +154,63 @@ def test_clips_without_a_measured_mouth_are_a_clear_error(photo, tmp_path):
     write_manifest(clips, PrepareOptions(size=128, clip_length=30, min_clip_length=12), {})
     with pytest.raises(ValueError, match="no clip with sound and a measured mouth"):
         make_talking_photos(photo, clips, tmp_path / "talking")
+
+
+def test_talking_photos_keep_their_added_opening_and_a_posed_reference_matches_their_frames(photo, tmp_path):
+    """Each talking-photo clip keeps the opening it added (`mouth.npy`, rewritten by `write_openings` where
+    missing); a dataset with `posed_reference` opens its reference by each target frame's wider mouth, so that
+    the posed frames are the targets' mouths on the reference (exact here, up to rounding and JPEG)."""
+    from training.talking_photos import OPENING_FILE, write_openings
+
+    clips = tmp_path / "clips"
+    donor_mouth = 0.02 + 0.015 * np.sin(np.arange(30) / 2.0)
+    _donor(clips, "grid_s1__a", donor_mouth)
+    write_manifest(clips, PrepareOptions(size=128, clip_length=30, min_clip_length=12), {})
+    out = tmp_path / "talking"
+    make_talking_photos(photo, clips, out, per_photo=1, seed=0)
+    (clip,) = read_clips(out)
+    meta = json.loads((out / "videos" / clip.video / "meta.json").read_text())
+    opening = np.load(out / "videos" / clip.video / OPENING_FILE)
+    expected = normalised_opening(np.load(clips / "videos" / "grid_s1__a" / "mouth.npy"))[5:35]
+    np.testing.assert_allclose(opening[5:35], expected * meta["talking_photo"]["amplitude"])
+    assert np.isnan(opening[:5]).all() and np.isnan(opening[35:]).all()
+    (out / "videos" / clip.video / OPENING_FILE).unlink()
+    assert write_openings(out, clips) == 1 and write_openings(out, clips) == 0
+    np.testing.assert_allclose(np.load(out / "videos" / clip.video / OPENING_FILE), opening)
+
+    features = tmp_path / "features"
+    features.mkdir()
+    np.save(features / f"{clip.video}.npy", np.zeros((clip.video_frames, 1, 4), np.float32))
+    options = dict(num_frames=8, num_motion_frames=2, with_audio=True, audio_features_dir=features)
+    dataset = EmoDataset(out, 128, posed_reference=True, **options)
+    plain = EmoDataset(out, 128, **options)
+    gaps = opening[clip.start : clip.start + clip.num_frames]
+    errors = []  # (mouth error of the posed frame, of the still reference) where the target's mouth is wider
+    for i in range(6):
+        sample = dataset[i]
+        frames = [dataset._image(clip, t) for t in range(clip.num_frames)]
+        reference = next(t for t, f in enumerate(frames) if torch.equal(f, sample["reference"]))
+        n = len(sample["pixel_values"])
+        start = next(
+            s for s in range(clip.num_frames - n + 1)
+            if all(torch.equal(frames[s + k], p) for k, p in enumerate(sample["pixel_values"]))
+        )  # fmt: skip
+        window = list(range(start, start + n))
+        outside = sorted((t for t in range(clip.num_frames) if t not in window), key=lambda t: gaps[t])
+        assert reference in outside[: max(1, len(outside) // 4)]  # one of the most closed mouths
+        targets, posed = sample["pixel_values"][2:], sample["posed_reference"]
+        assert posed.shape == (8, 3, 128, 128)
+        mouth = (slice(None), slice(70, 100), slice(45, 80))  # the portrait's mouth and chin at 128 px
+        for target, pose, t in zip(targets, posed, window[2:], strict=True):
+            if gaps[t] - gaps[reference] > 0.01:  # a wider mouth: the pose has it, the still photo not
+                errors.append(
+                    [(pose - target)[mouth].abs().mean(), (sample["reference"] - target)[mouth].abs().mean()]
+                )
+            elif gaps[t] <= gaps[reference]:  # no wider: the reference as it is
+                assert torch.equal(pose, sample["reference"])
+    errors = np.array(errors)
+    assert len(errors) >= 10 and errors[:, 0].mean() < 0.6 * errors[:, 1].mean()
+    assert "posed_reference" not in plain[0]
+    (out / "videos" / clip.video / OPENING_FILE).unlink()
+    with pytest.raises(ValueError, match="mouth.npy"):
+        EmoDataset(out, 128, posed_reference=True, **options)

@@ -404,3 +404,47 @@ def test_a_mouth_drive_model_fits_its_head_to_the_measured_mouth_and_starts_wher
     for k, v in pipe.audio_encoder.state_dict().items():
         torch.testing.assert_close(v, encoder_before[k])  # the encoder stays frozen
     assert with_mouth_drive(out, workspace["root"] / "again", workspace["data"], 10) == out  # has one already
+
+
+def test_a_posed_reference_model_fits_its_head_to_the_mouth_scaled_zero_to_one_and_keeps_its_backbone(
+    workspace,
+):
+    """`training.small_model.with_posed_reference`: the head learns the measured mouth (here the loudness) scaled
+    0..1 between each video's 5th and 95th percentile; the behaviour carries the amplitude; the backbone and the
+    encoder are the source's."""
+    from pipeline.audio import load_audio
+    from pipeline.metrics import loudness_envelope
+    from training.mouth import fit_mouth_head
+    from training.small_model import with_posed_reference
+
+    for folder in (workspace["data"] / "videos").iterdir():
+        meta = json.loads((folder / "meta.json").read_text())
+        audio = load_audio(folder / "audio.wav", sampling_rate=16_000, mono=True).mono
+        np.save(folder / "mouth.npy", loudness_envelope(audio, 16_000, meta["num_frames"], FPS))
+    source = workspace["root"] / "posed_source"
+    torch.manual_seed(0)
+    build_pipeline("tiny").save_pretrained(source)
+    out = workspace["root"] / "posed"
+    options = dict(heldout_fraction=0.5, window_frames=20, batch_size=8)
+    assert with_posed_reference(source, out, workspace["data"], 300, 0.07, **options) == out
+    figures = json.loads((out / "mouth_head.json").read_text())
+    assert figures["target"] == "normalised" and figures["videos"] == 2
+    pipe, before = EmoPipeline.from_pretrained(out), EmoPipeline.from_pretrained(source)
+    assert pipe.behaviour.posed_reference == 0.07 and not pipe.denoising_unet.config.mouth_drive
+    for name in ("denoising_unet", "audio_encoder", "reference_net"):
+        after = getattr(pipe, name).state_dict()
+        for k, v in getattr(before, name).state_dict().items():
+            torch.testing.assert_close(after[k], v)
+    # its predictions live on the 0..1 scale of the target: low where the sound is quiet, near 1 where loud
+    folder = workspace["data"] / "videos" / "alice"
+    meta = json.loads((folder / "meta.json").read_text())
+    audio = load_audio(folder / "audio.wav", sampling_rate=16_000, mono=True).mono
+    features = pipe.audio_frame_features(audio, meta["num_frames"], FPS, "cpu")
+    with torch.no_grad():
+        predicted = pipe.audio_projection.mouth_opening(features)[0].numpy()
+    loud = loudness_envelope(audio, 16_000, meta["num_frames"], FPS)
+    quiet, peak = np.percentile(loud, [10, 90])
+    assert predicted[loud <= quiet].mean() < 0.35 and predicted[loud >= peak].mean() > 0.65
+    assert with_posed_reference(out, workspace["root"] / "again", workspace["data"], 10, 0.05) == out
+    with pytest.raises(ValueError, match="target"):
+        fit_mouth_head(pipe, workspace["data"], 1, target="percent")

@@ -114,6 +114,10 @@ class EmoDataset(Dataset):
     mouth_mask (1, R, R) of 0/1 (`pipeline.face.mouth_mask` of the union face box, for a mouth-weighted loss);
     reference_mouth_mask (1, R, R) of 0/1 (the same of the reference frame's own face box, as the pipeline
     finds it on a portrait: `behaviour.mask_reference_mouth`);
+    with `posed_reference` (models with `behaviour.posed_reference`): the reference is a frame outside the window
+    with one of the most closed mouths of the clip (its video's `mouth.npy`), and posed_reference (f, 3, R, R) in
+    [-1, 1] holds it once per target frame with its mouth opened by how much wider that frame's measured mouth is
+    (`pipeline.mouth_pose.open_mouth`; unchanged where a mouth was not measured or FaceMesh misses the reference);
     and when `with_audio`: audio_features (f + 2 audio_margin, layers, dim), speeds (f + 2 speed_margin,)
     in degrees/frame; when every clip's video has one: face_embedding (512,) float32 (`has_face_embeddings`).
     R = `resolution` (prepared frames are resized when it differs).
@@ -133,6 +137,7 @@ class EmoDataset(Dataset):
         samples_per_clip: int = 1,
         audio_features_dir: str | Path | None = None,
         seed: int = 0,
+        posed_reference: bool = False,
     ):
         self.resolution = resolution
         self.num_frames, self.num_motion_frames = num_frames, num_motion_frames
@@ -159,6 +164,16 @@ class EmoDataset(Dataset):
             )
         self.has_face_embeddings = all(with_embedding)
         self.samples_per_clip = samples_per_clip
+        self.posed_reference = posed_reference
+        if posed_reference:
+            missing = sorted(
+                {c.video for c in self.clips if not (c.folder.parent.parent / "mouth.npy").is_file()}
+            )
+            if missing:
+                raise ValueError(
+                    f"{len(missing)} videos have no mouth.npy (e.g. {missing[0]}), which a posed reference needs: "
+                    "run `python -m training.small_model ... --stop-after mouth` on the data"
+                )
 
     def __len__(self) -> int:
         return len(self.clips) * self.samples_per_clip
@@ -176,6 +191,26 @@ class EmoDataset(Dataset):
         array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
         return array.permute(2, 0, 1)
 
+    def _posed_reference(
+        self, clip: ClipInfo, reference: int, gaps: np.ndarray, frames: range
+    ) -> torch.Tensor:
+        """The reference once per target frame (the last f of `frames`), its mouth opened by the frame's measured
+        gap less the reference's (fractions of the face height) -> (f, 3, R, R) in [-1, 1]."""
+        from pipeline.face import face_landmarks
+        from pipeline.mouth_pose import face_height, posed_frames
+
+        image = ((self._image(clip, reference).permute(1, 2, 0).numpy() + 1.0) * 127.5).round()
+        image = image.clip(0, 255).astype(np.uint8)
+        targets = list(frames)[self.num_motion_frames :]
+        wider = np.nan_to_num(gaps[targets] - gaps[reference], nan=0.0).clip(0, None)
+        landmarks = face_landmarks(image) if wider.any() else None
+        if landmarks is None:
+            posed = np.repeat(image[None], len(targets), axis=0)
+        else:
+            distinct, index = posed_frames(image, landmarks, wider * face_height(landmarks))
+            posed = distinct[index]
+        return torch.from_numpy(posed.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
+
     def __getitem__(self, sample_id: int) -> dict[str, torch.Tensor]:
         clip = self.clips[sample_id % len(self) // self.samples_per_clip]
         rng = np.random.default_rng([self.seed, sample_id])
@@ -183,7 +218,16 @@ class EmoDataset(Dataset):
         start = int(rng.integers(0, clip.num_frames - window + 1))
         frames = range(start, start + window)
         outside = [t for t in range(clip.num_frames) if t not in frames]
-        reference = int(rng.choice(outside if outside else list(range(clip.num_frames))))
+        candidates = outside if outside else list(range(clip.num_frames))
+        gaps = None
+        if self.posed_reference:
+            video_gaps = np.load(clip.folder.parent.parent / "mouth.npy")
+            gaps = video_gaps[clip.start : clip.start + clip.num_frames]
+            measured = [t for t in candidates if np.isfinite(gaps[t])]
+            if measured:  # one of the most closed mouths (the lowest quarter): the pose then only opens it
+                order = sorted(measured, key=lambda t: gaps[t])
+                candidates = order[: max(1, len(order) // 4)]
+        reference = int(rng.choice(candidates))
 
         scale = self.resolution / clip.size
         box = union_box([FaceBox(*(clip.boxes[t] * scale)) for t in frames])
@@ -197,6 +241,8 @@ class EmoDataset(Dataset):
                 mouth_mask(FaceBox(*(clip.boxes[reference] * scale)), (self.resolution,) * 2)
             )[None],
         }
+        if self.posed_reference:
+            sample["posed_reference"] = self._posed_reference(clip, reference, gaps, frames)
         if self.has_face_embeddings:
             sample["face_embedding"] = torch.from_numpy(
                 np.load(clip.face_embedding).astype(np.float32).reshape(-1)

@@ -154,13 +154,17 @@ def fit_mouth_head(
     lr: float = 1e-3,
     fps: float = 25.0,
     seed: int = 0,
+    target: str = "zscore",
 ) -> dict:
     """Fit the mouth head of a mouth-drive model (`pipe.audio_projection.mouth_head`) to the measured mouth
-    opening (z-scored per video) from the features of its frozen audio encoder, computed as inference computes
+    opening (`target`: "zscore", per video; "normalised", 0 at a video's 5th percentile and 1 at its 95th, clipped
+    to [0, 1.2], the absolute scale a posed reference needs) from the features of its frozen audio encoder, computed as inference computes
     them (`wav2vec_frame_features` of the whole sound). Every `1 / heldout_fraction`-th video (sorted by name)
     is kept out and measured -> {"train_r", "heldout_r", "videos"}: the correlation of prediction and measure."""
     from pipeline.audio_features import wav2vec_frame_features
 
+    if target not in ("zscore", "normalised"):
+        raise ValueError(f"target must be 'zscore' or 'normalised', got {target!r}")
     roots = [Path(r) for r in (data_root if isinstance(data_root, list | tuple) else [data_root])]
     projection = pipe.audio_projection
     if projection.mouth_head is None:
@@ -180,7 +184,12 @@ def fit_mouth_head(
             features = wav2vec_frame_features(
                 pipe.audio_encoder, pipe.feature_extractor, waveform, len(mouth), fps, num_layers=layers
             )
-            items.append((features.float(), (mouth - np.nanmean(mouth)) / np.nanstd(mouth)))
+            if target == "zscore":
+                values = (mouth - np.nanmean(mouth)) / np.nanstd(mouth)
+            else:
+                low, high = np.nanpercentile(mouth, [5, 95])
+                values = np.clip((mouth - low) / max(high - low, 1e-6), 0.0, 1.2)  # NaN stays NaN
+            items.append((features.float(), values))
     if not items:
         raise ValueError(f"no video with measured mouth opening (mouth.npy) in {roots}")
     every = max(2, round(1 / heldout_fraction)) if heldout_fraction else 0

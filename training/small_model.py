@@ -448,7 +448,20 @@ def main(argv: list[str] | None = None) -> None:
         help="with --continue-from: add a mouth drive (the voice's predicted mouth opening drawn into the "
         "mouth region of every frame, `mouth_drive` of the backbone and the audio projection) before stage 2",
     )
-    parser.add_argument("--mouth-head-steps", type=int, default=1500, help="fitting the mouth drive's head")
+    parser.add_argument(
+        "--posed-reference",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="with --continue-from: give every frame the portrait with its mouth opened as the frame's (training: "
+        "measured; inference: the voice's, up to FRACTION of the face height; `behaviour.posed_reference`)",
+    )
+    parser.add_argument(
+        "--mouth-head-steps",
+        type=int,
+        default=1500,
+        help="fitting the mouth head (--mouth-drive, --posed-reference)",
+    )
     parser.add_argument(
         "--mouth-drive-lr-scale",
         type=float,
@@ -486,13 +499,15 @@ def main(argv: list[str] | None = None) -> None:
     measure_clips(clips)
     talking = []
     if args.talking_photos:
-        from .talking_photos import make_talking_photos
+        from .talking_photos import make_talking_photos, write_openings
 
         talking = [work / "talking_photos"]
         if not (talking[0] / "DONE").is_file():
             manifest = make_talking_photos(photos, clips, talking[0], args.talking_photos)
             logger.info("talking photos: %d clips", manifest["num_clips"])
             (talking[0] / "DONE").touch()
+        if written := write_openings(talking[0], clips):  # talking photos made before the openings were kept
+            logger.info("talking photos: the added mouth opening of %d clips written", written)
     if done("mouth", started):
         return
 
@@ -670,6 +685,39 @@ def with_mouth_drive(
     return out
 
 
+def with_posed_reference(
+    source: Path, out: Path, clips: Path, head_steps: int, amplitude: float, **fit_options
+) -> Path:
+    """`source` with a posed reference (`behaviour.posed_reference` = `amplitude`), saved to `out` (done once;
+    `source` itself when it has one): a linear mouth head on its audio projection, fitted to the opening measured
+    on the real `clips` scaled 0..1 per video (`fit_mouth_head(target="normalised")`, figures in
+    `out/mouth_head.json`; `fit_options`: those of `fit_mouth_head`); the backbone is unchanged, and learns to
+    follow the pose in stages 2-3 (the dataset opens each reference by the target frame's measured mouth)."""
+    from pipeline.models import AudioProjection
+
+    from .mouth import fit_mouth_head
+
+    if EmoPipeline.load_config(source).get("behaviour", {}).get("posed_reference"):
+        return source
+    if (out / "model_index.json").is_file():
+        return out
+    pipe = EmoPipeline.from_pretrained(source)
+    old = pipe.audio_projection
+    if old.mouth_head is None:
+        new = AudioProjection.from_config(old.config, mouth_drive=True, mouth_head_hidden=0)
+        result = new.load_state_dict(old.state_dict(), strict=False)
+        if result.unexpected_keys or any(not k.startswith("mouth_head.") for k in result.missing_keys):
+            raise SystemExit(f"{source}: its audio_projection weights do not fit its own config")
+        pipe.register_modules(audio_projection=new)
+    figures = fit_mouth_head(pipe, clips, head_steps, target="normalised", **fit_options)
+    logger.info("mouth head (0..1): r %.3f on training windows, %.3f on held-out videos", figures["train_r"],
+                figures["heldout_r"])  # fmt: skip
+    pipe.register_to_config(behaviour=replace(pipe.behaviour, posed_reference=amplitude).to_config())
+    pipe.save_pretrained(out)
+    (out / "mouth_head.json").write_text(json.dumps(figures | {"steps": head_steps, "target": "normalised"}))
+    return out
+
+
 def continue_training(
     args, work: Path, clips: Path, photos: Path, options: dict, talking: list[Path] = ()
 ) -> None:
@@ -687,6 +735,10 @@ def continue_training(
     if args.mouth_drive:
         previous = with_mouth_drive(
             previous, work / "init_mouth_drive", clips, args.mouth_head_steps, args.mouth_head_hidden
+        )
+    if args.posed_reference:
+        previous = with_posed_reference(
+            previous, work / "init_posed_reference", clips, args.mouth_head_steps, args.posed_reference
         )
     stages = ((1, args.stage1_steps or 0), (2, args.stage2_steps), (3, args.stage3_steps))
     for stage, steps in stages:

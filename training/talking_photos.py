@@ -32,58 +32,13 @@ import numpy as np
 from PIL import Image
 
 from pipeline.face import face_landmarks
-from pipeline.metrics import CHIN, FOREHEAD, LOWER_LIP, UPPER_LIP
+from pipeline.metrics import CHIN, FOREHEAD
+from pipeline.mouth_pose import open_mouth
 
 from .data import read_clips
 from .prepare import PrepareOptions, write_manifest
 
 logger = logging.getLogger("training.talking_photos")
-
-# FaceMesh landmarks: inner mouth corners, outer mouth corners, the lower lip's outer edge
-INNER_LEFT, INNER_RIGHT, OUTER_LEFT, OUTER_RIGHT, LOWER_LIP_OUTER = 78, 308, 61, 291, 17
-MOUTH_INSIDE = np.array([70.0, 25.0, 30.0], np.float32)
-TEETH = np.array([215.0, 205.0, 195.0], np.float32)
-
-
-def open_mouth(image: np.ndarray, landmarks: np.ndarray, opening: float) -> np.ndarray:
-    """The photo with its mouth opened by `opening` pixels more (see the module doc); uint8 in and out."""
-    import cv2
-
-    if opening <= 0:
-        return image.copy()
-    h, w = image.shape[:2]
-    lm = landmarks
-    centre = (lm[INNER_LEFT, 0] + lm[INNER_RIGHT, 0]) / 2
-    inner_half = max(abs(lm[INNER_RIGHT, 0] - lm[INNER_LEFT, 0]) / 2, 1.0)
-    outer_half = max(abs(lm[OUTER_RIGHT, 0] - lm[OUTER_LEFT, 0]) / 2, 1.0)
-    lips = lm[LOWER_LIP, 1]  # the lower lip's inner edge: a mouth already open opens further from there
-    lower_lip, chin = lm[LOWER_LIP_OUTER, 1], lm[CHIN, 1]
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-    # across: 1 at the mouth's centre, 0 a little past its outer corners
-    across = 0.5 * (1 + np.cos(np.pi * np.clip(np.abs(xs - centre) / (outer_half * 1.2), 0, 1)))
-    # down: the lower lip moves by the full opening, the jaw below it less and less, nothing well below the chin
-    end = chin + 0.4 * (chin - lower_lip) + opening
-    down = np.where(
-        ys <= lower_lip + opening, 1.0, np.clip((end - ys) / max(end - lower_lip - opening, 1.0), 0, 1)
-    )
-    shift = opening * across * down * (ys >= lips)
-    source_y = np.where(
-        (ys >= lips) & (ys < lips + shift), lips, ys - shift
-    )  # the gap: lip colour, painted over
-    out = cv2.remap(image, xs, source_y.astype(np.float32), cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-    # the inside of the mouth: an ellipse between the lips, teeth along the top when it is wide
-    ellipse = np.sqrt(np.clip(1 - ((xs - centre) / inner_half) ** 2, 0, 1))
-    inside = cv2.GaussianBlur(
-        ((ys >= lips) & (ys < lips + 0.95 * shift * ellipse)).astype(np.float32), (0, 0), 0.7
-    )
-    teeth = np.zeros_like(inside)
-    if opening > 3 and lm[LOWER_LIP, 1] - lm[UPPER_LIP, 1] < 1.5:  # a closed mouth shows its upper teeth
-        teeth = cv2.GaussianBlur(
-            ((ys >= lips) & (ys < lips + min(0.3 * opening, 2.5))).astype(np.float32), (0, 0), 0.7
-        )
-    fill = MOUTH_INSIDE * (1 - teeth[..., None]) + TEETH * teeth[..., None]
-    out = out.astype(np.float32) * (1 - inside[..., None]) + fill * inside[..., None]
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
 def normalised_opening(mouth: np.ndarray) -> np.ndarray:
@@ -167,9 +122,44 @@ def write_talking_photo(
         "talking_photo": {"donor": donor.video, "amplitude": amplitude},
     }
     (partial / "meta.json").write_text(json.dumps(meta))
+    np.save(partial / OPENING_FILE, added_opening(opening * amplitude, donor.start, donor_meta["num_frames"]))
     final = out / "videos" / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
+
+
+OPENING_FILE = (
+    "mouth.npy"  # as `training.mouth` names the measured one: what the dataset's posed reference reads
+)
+
+
+def added_opening(opening: np.ndarray, start: int, video_frames: int) -> np.ndarray:
+    """The opening a talking-photo clip added to its photo's mouth (fractions of the face height, frame by frame
+    from `start`) on its video's timeline (NaN outside the clip): the measured lip gap of `training.mouth` less
+    the photo's own, a constant, exact where the measure is not."""
+    values = np.full(video_frames, np.nan)
+    values[start : start + len(opening)] = opening
+    return values
+
+
+def write_openings(talking_root: str | Path, clips_root: str | Path) -> int:
+    """Write the `OPENING_FILE` of every talking-photo clip under `talking_root` that lacks one (clips made
+    before the file existed), from its donor's measured mouth (`clips_root`) -> the number written."""
+    talking_root, clips_root = Path(talking_root), Path(clips_root)
+    openings: dict[str, np.ndarray] = {}
+    written = 0
+    for folder in sorted((talking_root / "videos").iterdir()):
+        if not (folder / "meta.json").is_file() or (folder / OPENING_FILE).is_file():
+            continue
+        meta = json.loads((folder / "meta.json").read_text())
+        donor = meta["talking_photo"]["donor"]
+        if donor not in openings:
+            openings[donor] = normalised_opening(np.load(clips_root / "videos" / donor / "mouth.npy"))
+        clip = meta["clips"][0]
+        opening = openings[donor][clip["start"] : clip["end"]] * meta["talking_photo"]["amplitude"]
+        np.save(folder / OPENING_FILE, added_opening(opening, clip["start"], meta["num_frames"]))
+        written += 1
+    return written
 
 
 def make_talking_photos(

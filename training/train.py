@@ -99,6 +99,7 @@ class EmoTrainingModel(nn.Module):
         region_masks: dict[tuple[int, int], torch.Tensor] | None = None,
         reference_mouth_mask: torch.Tensor | None = None,
         mouth_mask: torch.Tensor | None = None,
+        posed_latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """noisy: (b, 4, f, h, w); reference_latents (b, 4, h, w); motion_latents (b, n, 4, h, w) or None;
         face_mask (b, 1, H, W); audio_features (b, f + 2m, layers, dim) or None; speeds (b, f + 2m) deg/frame
@@ -107,7 +108,9 @@ class EmoTrainingModel(nn.Module):
         models with region audio modules: region_masks {(h, w): (b, h*w, 3)} at every level;
         models with `behaviour.mask_reference_mouth`: reference_mouth_mask (b, 1, H, W), the reference's mouth;
         models with a mouth drive: mouth_mask (b, 1, H, W), the clip's mouth region, where the frozen mouth head's
-        opening is drawn (zeros without audio: stage 1 and dropped audio, as in guidance).
+        opening is drawn (zeros without audio: stage 1 and dropped audio, as in guidance);
+        models with `behaviour.posed_reference`: posed_latents (b, 4, f, h, w), the reference with each frame's mouth
+        opening, injected in place of the still reference (ReferenceNet keeps the still one).
         Returns the prediction (b, 4, f, h, w)."""
         b = noisy.shape[0]
         unet = self.denoising_unet
@@ -176,7 +179,7 @@ class EmoTrainingModel(nn.Module):
         if region_masks is not None:
             backbone_inputs["region_masks"] = region_masks
         if unet.config.reference_latent_channels:  # zeros for a dropped reference, as in guidance
-            injected = reference_latents
+            injected = reference_latents if posed_latents is None else posed_latents
             if self.mask_reference_mouth:  # the portrait's mouth hidden, as the pipeline hides it
                 if reference_mouth_mask is None:
                     raise ValueError("this model hides the reference's mouth: give `reference_mouth_mask`")
@@ -373,6 +376,7 @@ def make_dataset(config: Config, pipe: EmoPipeline, audio_features_dir: Path | N
         samples_per_clip=data.samples_per_clip,
         audio_features_dir=audio_features_dir,
         seed=config.train.seed,
+        posed_reference=bool(pipe.behaviour.posed_reference) and config.stage > 1,
     )
     if pipe.identity_projection is not None and not dataset.has_face_embeddings:
         logger.warning(
@@ -460,6 +464,11 @@ def training_loss(
         conditions["reference_mouth_mask"] = batch["reference_mouth_mask"].to(device)
     if pipe.denoising_unet.config.mouth_drive:
         conditions["mouth_mask"] = batch["mouth_mask"].to(device)
+    if "posed_reference" in batch:  # (b, f, 3, H, W) -> (b, 4, f, h, w)
+        posed = batch["posed_reference"]
+        with torch.no_grad(), accelerator.autocast():
+            posed_latents = pipe.encode_image(posed.flatten(0, 1)).float()
+        conditions["posed_latents"] = posed_latents.unflatten(0, posed.shape[:2]).permute(0, 2, 1, 3, 4)
     pred = model(
         noisy,
         timesteps,

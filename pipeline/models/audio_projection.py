@@ -62,8 +62,10 @@ class AudioProjection(ModelMixin, ConfigMixin):
         return self.norm(x)
 
     def mouth_opening(self, features: torch.Tensor) -> torch.Tensor:
-        """features: (b, f, layers, dim) per video frame -> the predicted mouth opening of each frame (b, f), in
-        standard deviations of a video's opening around its mean (models with `mouth_drive`)."""
+        """features: (b, f, layers, dim) per video frame -> the predicted mouth opening of each frame (b, f)
+        (models with `mouth_drive`), in the units its head was fitted to (`training.mouth.fit_mouth_head`): standard
+        deviations of a video's opening around its mean for a mouth drive, 0 closed .. 1 wide (a video's 5th and
+        95th percentile) for a posed reference (`behaviour.posed_reference`)."""
         if self.mouth_head is None:
             raise ValueError("this audio projection has no mouth head (`mouth_drive=False`)")
         x = rearrange(frame_windows(features.to(self.dtype), self.config.window), "b f w l d -> b f (w l d)")

@@ -185,7 +185,8 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
         region audio modules: region_masks {(h, w): (b, h*w, 3)} full/face/lip weights of each level's tokens,
         region_weights the (pose, face, lip) weights of the three branches.
         reference_latents: (b, reference_latent_channels, h, w) the reference's latents (zeros for a sample
-        without reference), required when the model has `reference_latent_channels`, else not accepted.
+        without reference), or (b, reference_latent_channels, f, h, w) one per frame (a posed reference), required
+        when the model has `reference_latent_channels`, else not accepted.
         motion_features with `motion_frame_features="attention"`: key -> (b, n, h*w, c) attention tokens.
         mouth_drive: (b, f, h, w) each frame's mouth-opening map (`mouth_drive_map`; zeros for a sample without
         audio), required when the model has `mouth_drive`, else not accepted.
@@ -213,9 +214,15 @@ class EmoUNet3DModel(ModelMixin, ConfigMixin, AttentionSlicingMixin):
                 f"({self.config.reference_latent_channels})"
             )
         if reference_latents is not None:
-            injected = self.reference_latent_in(reference_latents.to(sample.dtype)).repeat_interleave(
-                f, dim=0
-            )
+            r = reference_latents.to(sample.dtype)
+            if r.ndim == 5:  # one per frame (a posed reference)
+                if r.shape[2] != f:
+                    raise ValueError(
+                        f"`reference_latents` has {r.shape[2]} frames, the sample {f}: give one per frame"
+                    )
+                injected = self.reference_latent_in(rearrange(r, "b c f h w -> (b f) c h w"))
+            else:
+                injected = self.reference_latent_in(r).repeat_interleave(f, dim=0)
             added = injected if added is None else added + injected
         if (mouth_drive is None) != (self.mouth_drive_in is None):
             raise ValueError("`mouth_drive` must be given exactly when the backbone has `mouth_drive`")
