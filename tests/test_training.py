@@ -346,18 +346,24 @@ def test_mouth_weight_weighs_the_mouth_region(workspace):
     assert loss(4.0, torch.zeros_like(batch["mouth_mask"])) == pytest.approx(plain, rel=1e-5)
 
 
-def test_mel_audio_encoder_learns_a_mouth_signal(workspace):
-    """Pretraining on a per-frame target that the sound determines (its loudness): the unseen video's
-    prediction follows it."""
+def mouth_is_loudness(workspace) -> None:
+    """Each prepared video's `mouth.npy` made its loudness: a per-frame target the sound determines."""
     from pipeline.audio import load_audio
-    from pipeline.loading import CONFIGS as SIZES
     from pipeline.metrics import loudness_envelope
-    from training.mouth import pretrain_audio_encoder
 
     for folder in (workspace["data"] / "videos").iterdir():
         meta = json.loads((folder / "meta.json").read_text())
         audio = load_audio(folder / "audio.wav", sampling_rate=16_000, mono=True).mono
         np.save(folder / "mouth.npy", loudness_envelope(audio, 16_000, meta["num_frames"], FPS))
+
+
+def test_mel_audio_encoder_learns_a_mouth_signal(workspace):
+    """Pretraining on a per-frame target that the sound determines (its loudness): the unseen video's
+    prediction follows it."""
+    from pipeline.loading import CONFIGS as SIZES
+    from training.mouth import pretrain_audio_encoder
+
+    mouth_is_loudness(workspace)
     config = dict(SIZES["tiny"], audio_encoder={"type": "mel", "hidden_size": 16, "num_hidden_layers": 2})
     torch.manual_seed(0)
     pipe = build_pipeline(config)
@@ -374,14 +380,9 @@ def test_a_mouth_drive_model_fits_its_head_to_the_measured_mouth_and_starts_wher
     """`training.small_model.with_mouth_drive`: the head learns a per-frame target the sound determines (its
     loudness) from the frozen encoder's features, on one video, and predicts it on the other; the backbone's
     new conv is zero, so the model's prediction is its source's."""
-    from pipeline.audio import load_audio
-    from pipeline.metrics import loudness_envelope
     from training.small_model import with_mouth_drive
 
-    for folder in (workspace["data"] / "videos").iterdir():
-        meta = json.loads((folder / "meta.json").read_text())
-        audio = load_audio(folder / "audio.wav", sampling_rate=16_000, mono=True).mono
-        np.save(folder / "mouth.npy", loudness_envelope(audio, 16_000, meta["num_frames"], FPS))
+    mouth_is_loudness(workspace)
     source = workspace["root"] / "drive_source"
     torch.manual_seed(0)
     build_pipeline("tiny").save_pretrained(source)
@@ -417,10 +418,7 @@ def test_a_posed_reference_model_fits_its_head_to_the_mouth_scaled_zero_to_one_a
     from training.mouth import fit_mouth_head
     from training.small_model import with_posed_reference
 
-    for folder in (workspace["data"] / "videos").iterdir():
-        meta = json.loads((folder / "meta.json").read_text())
-        audio = load_audio(folder / "audio.wav", sampling_rate=16_000, mono=True).mono
-        np.save(folder / "mouth.npy", loudness_envelope(audio, 16_000, meta["num_frames"], FPS))
+    mouth_is_loudness(workspace)
     source = workspace["root"] / "posed_source"
     torch.manual_seed(0)
     build_pipeline("tiny").save_pretrained(source)

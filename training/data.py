@@ -165,6 +165,7 @@ class EmoDataset(Dataset):
         self.has_face_embeddings = all(with_embedding)
         self.samples_per_clip = samples_per_clip
         self.posed_reference = posed_reference
+        self._gaps: dict[Path, np.ndarray] = {}  # video folder -> its mouth.npy, read once (per worker)
         if posed_reference:
             missing = sorted(
                 {c.video for c in self.clips if not (c.folder.parent.parent / "mouth.npy").is_file()}
@@ -221,8 +222,10 @@ class EmoDataset(Dataset):
         candidates = outside if outside else list(range(clip.num_frames))
         gaps = None
         if self.posed_reference:
-            video_gaps = np.load(clip.folder.parent.parent / "mouth.npy")
-            gaps = video_gaps[clip.start : clip.start + clip.num_frames]
+            video = clip.folder.parent.parent
+            if video not in self._gaps:
+                self._gaps[video] = np.load(video / "mouth.npy")
+            gaps = self._gaps[video][clip.start : clip.start + clip.num_frames]
             measured = [t for t in candidates if np.isfinite(gaps[t])]
             if measured:  # one of the most closed mouths (the lowest quarter): the pose then only opens it
                 order = sorted(measured, key=lambda t: gaps[t])

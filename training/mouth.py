@@ -157,11 +157,13 @@ def fit_mouth_head(
     target: str = "zscore",
 ) -> dict:
     """Fit the mouth head of a mouth-drive model (`pipe.audio_projection.mouth_head`) to the measured mouth
-    opening (`target`: "zscore", per video; "normalised", 0 at a video's 5th percentile and 1 at its 95th, clipped
-    to [0, 1.2], the absolute scale a posed reference needs) from the features of its frozen audio encoder, computed as inference computes
-    them (`wav2vec_frame_features` of the whole sound). Every `1 / heldout_fraction`-th video (sorted by name)
+    opening (`target`: "zscore", per video; "normalised", the 0..1 scale of `normalised_opening`, which a posed
+    reference needs) from the features of its frozen audio encoder, computed as inference computes them
+    (`wav2vec_frame_features` of the whole sound). Every `1 / heldout_fraction`-th video (sorted by name)
     is kept out and measured -> {"train_r", "heldout_r", "videos"}: the correlation of prediction and measure."""
     from pipeline.audio_features import wav2vec_frame_features
+
+    from .talking_photos import normalised_opening
 
     if target not in ("zscore", "normalised"):
         raise ValueError(f"target must be 'zscore' or 'normalised', got {target!r}")
@@ -187,8 +189,7 @@ def fit_mouth_head(
             if target == "zscore":
                 values = (mouth - np.nanmean(mouth)) / np.nanstd(mouth)
             else:
-                low, high = np.nanpercentile(mouth, [5, 95])
-                values = np.clip((mouth - low) / max(high - low, 1e-6), 0.0, 1.2)  # NaN stays NaN
+                values = normalised_opening(mouth, fill=False)
             items.append((features.float(), values))
     if not items:
         raise ValueError(f"no video with measured mouth opening (mouth.npy) in {roots}")

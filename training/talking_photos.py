@@ -41,16 +41,17 @@ from .prepare import PrepareOptions, write_manifest
 logger = logging.getLogger("training.talking_photos")
 
 
-def normalised_opening(mouth: np.ndarray) -> np.ndarray:
+def normalised_opening(mouth: np.ndarray, fill: bool = True) -> np.ndarray:
     """A video's measured lip gap (NaN where not measured) -> 0 at its 5th percentile, 1 at its 95th (clipped
-    to [0, 1.2]), the gaps filled by interpolation."""
+    to [0, 1.2]), the gaps filled by interpolation (`fill`; else they stay NaN)."""
     mouth = np.asarray(mouth, np.float64)
     known = np.isfinite(mouth)
     if known.sum() < 2:
         raise ValueError("fewer than two measured frames")
-    filled = np.interp(np.arange(len(mouth)), np.flatnonzero(known), mouth[known])
     low, high = np.percentile(mouth[known], [5, 95])
-    return np.clip((filled - low) / max(high - low, 1e-6), 0.0, 1.2)
+    if fill:
+        mouth = np.interp(np.arange(len(mouth)), np.flatnonzero(known), mouth[known])
+    return np.clip((mouth - low) / max(high - low, 1e-6), 0.0, 1.2)
 
 
 def donor_clips(clips_root: Path, min_measured: float = 0.5) -> tuple[list, list, dict]:
