@@ -254,8 +254,10 @@ def build_demo(
         gr.on([audio.change, steps.change, max_length.change], show_estimate, [audio, steps, max_length],
               estimate_text, queue=False, show_progress="hidden", trigger_mode="always_last",
               api_visibility="private")  # fmt: skip
-        preset.change(preset_steps, preset, steps, queue=False, show_progress="hidden",
-                      api_visibility="private")  # fmt: skip
+        # `input`, not `change`: only a person's choice moves the steps (a change event on mount, when the
+        # accordion first opens, would reset steps already typed)
+        preset.input(preset_steps, preset, steps, queue=False, show_progress="hidden",
+                     api_visibility="private")  # fmt: skip
         controls = [steps, guidance, head_speed, seed, random_seed, paste_back, max_length, preset]
         generation = generate_button.click(
             run,
