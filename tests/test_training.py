@@ -19,6 +19,7 @@ from training import synthetic
 from training.config import load_config, parameter_matcher
 from training.data import EmoDataset
 from training.prepare import PrepareOptions, prepare
+from training.spoken_phonemes import espeak_available
 from training.train import (
     EmoTrainingModel,
     list_checkpoints,
@@ -446,3 +447,43 @@ def test_a_posed_reference_model_fits_its_head_to_the_mouth_scaled_zero_to_one_a
     assert with_posed_reference(out, workspace["root"] / "again", workspace["data"], 10, 0.05) == out
     with pytest.raises(ValueError, match="target"):
         fit_mouth_head(pipe, workspace["data"], 1, target="percent")
+
+
+@pytest.mark.skipif(not espeak_available(), reason="needs espeak-ng (apt-get install espeak-ng)")
+def test_refitting_the_mouth_head_on_espeak_speech_changes_the_head_alone(workspace, tmp_path):
+    """`python -m training.mouth`: a posed-reference model gets a new head of the asked width, fitted on the clips'
+    mouths and on espeak-ng sentences with their phoneme openings (every tenth kept out and measured); every
+    other weight stays the model's."""
+    from training.mouth import main as refit_main
+    from training.mouth import refit_mouth_head
+    from training.small_model import with_posed_reference
+
+    mouth_is_loudness(workspace)
+    source = tmp_path / "source"
+    torch.manual_seed(0)
+    build_pipeline("tiny").save_pretrained(source)
+    options = dict(heldout_fraction=0.5, window_frames=20, batch_size=8)
+    posed = with_posed_reference(source, tmp_path / "posed", workspace["data"], 50, 0.1, **options)
+    with pytest.raises(ValueError, match="not a posed-reference model"):
+        refit_mouth_head(source, tmp_path / "nope", workspace["data"], 1)
+    figures = refit_mouth_head(
+        posed, tmp_path / "refit", workspace["data"], 300, hidden=8, speech=20, **options
+    )
+    print(figures)
+    assert figures["speech"] == 20 and figures["videos"] == 2 and figures["hidden"] == 8
+    assert figures["speech_heldout_r"] > 0.5  # the kept-out sentences' phoneme openings
+    assert json.loads((tmp_path / "refit" / "mouth_head.json").read_text())[
+        "speech_heldout_r"
+    ] == pytest.approx(figures["speech_heldout_r"])
+    before, after = EmoPipeline.from_pretrained(posed), EmoPipeline.from_pretrained(tmp_path / "refit")
+    assert (
+        after.audio_projection.config.mouth_head_hidden == 8 and len(after.audio_projection.mouth_head) == 3
+    )
+    assert after.behaviour.posed_reference == 0.1
+    for name in ("denoising_unet", "audio_encoder", "reference_net", "audio_projection"):
+        now = getattr(after, name).state_dict()
+        for k, v in getattr(before, name).state_dict().items():
+            if not k.startswith("mouth_head."):
+                torch.testing.assert_close(now[k], v)
+    with pytest.raises(SystemExit, match="--out is --model"):
+        refit_main(["--model", str(posed), "--clips", str(workspace["data"]), "--out", str(posed)])

@@ -463,6 +463,14 @@ def main(argv: list[str] | None = None) -> None:
         help="fitting the mouth head (--mouth-drive, --posed-reference)",
     )
     parser.add_argument(
+        "--head-speech",
+        type=int,
+        default=0,
+        metavar="N",
+        help="--posed-reference: fit the mouth head also on N espeak-ng sentences with the opening of their "
+        "phonemes (`training.spoken_phonemes`; 800 with --mouth-head-hidden 64 follows new voices best)",
+    )
+    parser.add_argument(
         "--mouth-drive-lr-scale",
         type=float,
         default=1.0,
@@ -472,7 +480,8 @@ def main(argv: list[str] | None = None) -> None:
         "--mouth-head-hidden",
         type=int,
         default=0,
-        help="the mouth head's hidden width; 0 (default): linear, which followed new voices better",
+        help="the mouth head's hidden width; 0 (default): linear, which followed new voices better when "
+        "fitted on the clips alone (with --head-speech, 64 does better)",
     )
     parser.add_argument("--workers", type=int, default=2, help="data preparation processes")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -686,35 +695,42 @@ def with_mouth_drive(
 
 
 def with_posed_reference(
-    source: Path, out: Path, clips: Path, head_steps: int, amplitude: float, **fit_options
+    source: Path,
+    out: Path,
+    clips: Path,
+    head_steps: int,
+    amplitude: float,
+    head_hidden: int = 0,
+    speech: int = 0,
+    **fit_options,
 ) -> Path:
     """`source` with a posed reference (`behaviour.posed_reference` = `amplitude`), saved to `out` (done once;
     `source` itself when it has one): a linear mouth head on its audio projection, fitted to the opening measured
     on the real `clips` scaled 0..1 per video (`fit_mouth_head(target="normalised")`, figures in
-    `out/mouth_head.json`; `fit_options`: those of `fit_mouth_head`); the backbone is unchanged, and learns to
+    `out/mouth_head.json`; `fit_options`: those of `fit_mouth_head`), of `head_hidden` width (0: linear), also
+    on `speech` espeak-ng sentences (`spoken_phonemes.training_speech`); the backbone is unchanged, and learns to
     follow the pose in stages 2-3 (the dataset opens each reference by the target frame's measured mouth)."""
-    from pipeline.models import AudioProjection
-
-    from .mouth import fit_mouth_head
+    from .mouth import fit_mouth_head, with_new_mouth_head
+    from .spoken_phonemes import training_speech
 
     if EmoPipeline.load_config(source).get("behaviour", {}).get("posed_reference"):
         return source
     if (out / "model_index.json").is_file():
         return out
     pipe = EmoPipeline.from_pretrained(source)
-    old = pipe.audio_projection
-    if old.mouth_head is None:
-        new = AudioProjection.from_config(old.config, mouth_drive=True, mouth_head_hidden=0)
-        result = new.load_state_dict(old.state_dict(), strict=False)
-        if result.unexpected_keys or any(not k.startswith("mouth_head.") for k in result.missing_keys):
-            raise SystemExit(f"{source}: its audio_projection weights do not fit its own config")
-        pipe.register_modules(audio_projection=new)
-    figures = fit_mouth_head(pipe, clips, head_steps, target="normalised", **fit_options)
+    try:
+        with_new_mouth_head(pipe, head_hidden)
+    except ValueError as error:
+        raise SystemExit(f"{source}: {error}") from None
+    spoken = training_speech(speech) if speech else ()
+    figures = fit_mouth_head(pipe, clips, head_steps, target="normalised", speech=spoken, **fit_options)
     logger.info("mouth head (0..1): r %.3f on training windows, %.3f on held-out videos", figures["train_r"],
                 figures["heldout_r"])  # fmt: skip
     pipe.register_to_config(behaviour=replace(pipe.behaviour, posed_reference=amplitude).to_config())
     pipe.save_pretrained(out)
-    (out / "mouth_head.json").write_text(json.dumps(figures | {"steps": head_steps, "target": "normalised"}))
+    (out / "mouth_head.json").write_text(
+        json.dumps(figures | {"steps": head_steps, "target": "normalised", "hidden": head_hidden})
+    )
     return out
 
 
@@ -738,8 +754,9 @@ def continue_training(
         )
     if args.posed_reference:
         previous = with_posed_reference(
-            previous, work / "init_posed_reference", clips, args.mouth_head_steps, args.posed_reference
-        )
+            previous, work / "init_posed_reference", clips, args.mouth_head_steps, args.posed_reference,
+            args.mouth_head_hidden, args.head_speech,
+        )  # fmt: skip
     stages = ((1, args.stage1_steps or 0), (2, args.stage2_steps), (3, args.stage3_steps))
     for stage, steps in stages:
         if steps == 0:

@@ -49,7 +49,7 @@ class AudioProjection(ModelMixin, ConfigMixin):
             inputs = (2 * window + 1) * num_layers * feature_dim
             if mouth_head_hidden:
                 layers = [nn.Linear(inputs, mouth_head_hidden), nn.GELU(), nn.Linear(mouth_head_hidden, 1)]
-            else:  # linear: generalises better to voices unlike the training speakers'
+            else:  # linear: fitted on the clips alone, it followed voices unlike the training speakers' better
                 layers = [nn.Linear(inputs, 1)]
             self.mouth_head = nn.Sequential(*layers)
 
