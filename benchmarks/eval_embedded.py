@@ -66,13 +66,13 @@ ESPEAK_VOICES = ("en-us", "en+f3", "de", "fr", "es")
 ESPEAK_SENTENCE = "The quick brown fox jumps over the lazy dog, and then it runs away into the forest again."
 
 
-def espeak(voice: str, folder: Path) -> Path:
-    """The sentence spoken by espeak-ng's `voice` (150 words/min) -> a wav file in `folder`."""
+def espeak(voice: str, folder: Path, sentence: str = ESPEAK_SENTENCE, name: str = "espeak") -> Path:
+    """`sentence` spoken by espeak-ng's `voice` (150 words/min) -> the wav file `folder/<name>_<voice>.wav`."""
     import subprocess
 
-    path = folder / f"espeak_{voice}.wav"
+    path = folder / f"{name}_{voice}.wav"
     if not path.is_file():
-        subprocess.run(["espeak-ng", "-v", voice, "-s", "150", "-w", str(path), ESPEAK_SENTENCE], check=True)
+        subprocess.run(["espeak-ng", "-v", voice, "-s", "150", "-w", str(path), sentence], check=True)
     return path
 
 

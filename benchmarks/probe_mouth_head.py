@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from eval_embedded import ESPEAK_SENTENCE, ESPEAK_VOICES, real_clip  # noqa: E402
+from eval_embedded import ESPEAK_SENTENCE, ESPEAK_VOICES, espeak, real_clip  # noqa: E402
 
 from pipeline import EmoPipeline  # noqa: E402
 from pipeline.audio import load_audio  # noqa: E402
@@ -48,15 +48,7 @@ def head_opening(pipe: EmoPipeline, audio: np.ndarray, frames: int) -> np.ndarra
         return pipe.audio_projection.mouth_opening(features)[0].float().cpu().numpy()
 
 
-def espeak(sentence: str, voice: str, folder: Path) -> np.ndarray:
-    import subprocess
-
-    path = folder / f"{voice}_{abs(hash(sentence)) % 10**8}.wav"
-    subprocess.run(["espeak-ng", "-v", voice, "-s", "150", "-w", str(path), sentence], check=True)
-    return load_audio(path, sampling_rate=SR, mono=True).mono[: 4 * SR]
-
-
-def probe(model: Path, data: Path, real_cases: list) -> dict:
+def probe(model: Path, real_cases: list) -> dict:
     pipe = EmoPipeline.from_pretrained(model)
     if pipe.audio_projection.mouth_head is None:
         raise SystemExit(f"{model}: its audio projection has no mouth head")
@@ -64,8 +56,9 @@ def probe(model: Path, data: Path, real_cases: list) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         for voice in ESPEAK_VOICES:
             values = []
-            for sentence in SENTENCES:
-                audio = espeak(sentence, voice, Path(folder))
+            for i, sentence in enumerate(SENTENCES):
+                path = espeak(voice, Path(folder), sentence, name=f"sentence{i}")
+                audio = load_audio(path, sampling_rate=SR, mono=True).mono[: 4 * SR]
                 frames = int(len(audio) / SR * FPS)
                 values.append(
                     correlation(head_opening(pipe, audio, frames), loudness_envelope(audio, SR, frames, FPS))
@@ -102,7 +95,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         real_cases.append((audio, mouth_opening(frames)))
     rows = []
     for model in args.model:
-        rows.append(probe(model, args.data, real_cases))
+        rows.append(probe(model, real_cases))
         print(json.dumps(rows[-1]), flush=True)
         with open(ROOT / "benchmarks" / "results_mouth_head.jsonl", "a") as f:
             f.write(json.dumps(rows[-1]) + "\n")

@@ -301,19 +301,26 @@ def refit_mouth_head(
     returns the fit's figures, also in `out/mouth_head.json`."""
     from pipeline import EmoPipeline
 
-    from .spoken_phonemes import training_speech
-
     pipe = EmoPipeline.from_pretrained(model)
     if not pipe.behaviour.posed_reference:
         raise ValueError(f"{model}: not a posed-reference model (behaviour.posed_reference is 0)")
     torch.manual_seed(seed)
+    figures = fit_posed_head(pipe, clips, steps, hidden, speech, seed=seed, **fit_options)
+    pipe.save_pretrained(out)
+    (Path(out) / "mouth_head.json").write_text(json.dumps(figures))
+    return figures
+
+
+def fit_posed_head(pipe, clips, steps: int, hidden: int, speech: int, seed: int = 0, **fit_options) -> dict:
+    """`pipe` with a fresh mouth head of `hidden` width fitted to the 0..1 opening of the `clips`' measured mouths
+    and of `speech` espeak-ng sentences (`spoken_phonemes.training_speech(speech, seed)`) -> the fit's figures
+    with the settings (what `mouth_head.json` holds)."""
+    from .spoken_phonemes import training_speech
+
     with_new_mouth_head(pipe, hidden)
     spoken = training_speech(speech, seed=seed) if speech else ()
     figures = fit_mouth_head(pipe, clips, steps, target="normalised", speech=spoken, seed=seed, **fit_options)
-    pipe.save_pretrained(out)
-    figures |= {"steps": steps, "hidden": hidden, "target": "normalised", "speech_seed": seed}
-    (Path(out) / "mouth_head.json").write_text(json.dumps(figures))
-    return figures
+    return figures | {"steps": steps, "hidden": hidden, "target": "normalised", "speech_seed": seed}
 
 
 def main(argv: list[str] | None = None) -> dict:

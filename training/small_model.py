@@ -705,13 +705,12 @@ def with_posed_reference(
     **fit_options,
 ) -> Path:
     """`source` with a posed reference (`behaviour.posed_reference` = `amplitude`), saved to `out` (done once;
-    `source` itself when it has one): a linear mouth head on its audio projection, fitted to the opening measured
-    on the real `clips` scaled 0..1 per video (`fit_mouth_head(target="normalised")`, figures in
-    `out/mouth_head.json`; `fit_options`: those of `fit_mouth_head`), of `head_hidden` width (0: linear), also
-    on `speech` espeak-ng sentences (`spoken_phonemes.training_speech`); the backbone is unchanged, and learns to
-    follow the pose in stages 2-3 (the dataset opens each reference by the target frame's measured mouth)."""
-    from .mouth import fit_mouth_head, with_new_mouth_head
-    from .spoken_phonemes import training_speech
+    `source` itself when it has one): a mouth head of `head_hidden` width (0: linear) on its audio projection,
+    fitted to the opening measured on the real `clips` scaled 0..1 per video and on `speech` espeak-ng sentences
+    (`training.mouth.fit_posed_head`, figures in `out/mouth_head.json`; `fit_options`: those of
+    `fit_mouth_head`); the backbone is unchanged, and learns to follow the pose in stages 2-3 (the dataset opens
+    each reference by the target frame's measured mouth)."""
+    from .mouth import fit_posed_head
 
     if EmoPipeline.load_config(source).get("behaviour", {}).get("posed_reference"):
         return source
@@ -719,18 +718,14 @@ def with_posed_reference(
         return out
     pipe = EmoPipeline.from_pretrained(source)
     try:
-        with_new_mouth_head(pipe, head_hidden)
+        figures = fit_posed_head(pipe, clips, head_steps, head_hidden, speech, **fit_options)
     except ValueError as error:
         raise SystemExit(f"{source}: {error}") from None
-    spoken = training_speech(speech) if speech else ()
-    figures = fit_mouth_head(pipe, clips, head_steps, target="normalised", speech=spoken, **fit_options)
     logger.info("mouth head (0..1): r %.3f on training windows, %.3f on held-out videos", figures["train_r"],
                 figures["heldout_r"])  # fmt: skip
     pipe.register_to_config(behaviour=replace(pipe.behaviour, posed_reference=amplitude).to_config())
     pipe.save_pretrained(out)
-    (out / "mouth_head.json").write_text(
-        json.dumps(figures | {"steps": head_steps, "target": "normalised", "hidden": head_hidden})
-    )
+    (out / "mouth_head.json").write_text(json.dumps(figures))
     return out
 
 
