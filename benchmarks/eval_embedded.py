@@ -1,12 +1,12 @@
 """How well a model animates people and sentences it never saw: lip-sync, identity, stability, head speed.
 
     python benchmarks/eval_embedded.py [--model assets/models/emo-small] [--data ../shared/data] [--seconds 3]
-        [--preset P] [--steps N] [--guidance-scale G] [--vae-only]
+        [--preset P] [--steps N] [--guidance-scale G] [--seed S] [--skip-espeak | --espeak-only] [--vae-only]
 
 Inputs are the held-out part of `../shared/data` (`training.splits`): the first frame of each held-out real
 clip with the clip's own voice, and the held-out photos with held-out GRID sentences and recordings. Every
-video is made with seed 0 and the model's own default settings, or the preset, steps and audio guidance given
-(the figures of other settings, e.g. a stronger audio guidance, against the defaults). Figures (`pipeline.metrics`):
+video is made with seed 0 (or `--seed`) and the model's own default settings, or the preset, steps and audio
+guidance given (the figures of other settings, e.g. a stronger audio guidance, against the defaults). Figures (`pipeline.metrics`):
 - lip-sync: correlation of the mouth opening with the loudness, per video, next to the same measure on the
   real held-out clips (the ceiling of this measure); and on clear synthetic speech (espeak-ng, when it is
   installed): every held-out portrait saying one sentence in 5 voices and languages (en-us, en+f3, de, fr,
@@ -77,7 +77,7 @@ def espeak(voice: str, folder: Path, sentence: str = ESPEAK_SENTENCE, name: str 
 
 
 def synthetic_speech_figures(
-    pipe: EmoPipeline, cases: list, folder: Path, seconds: float, settings: dict
+    pipe: EmoPipeline, cases: list, folder: Path, seconds: float, settings: dict, seed: int = 0
 ) -> dict:
     """Lip-sync of every case's portrait on espeak-ng speech (see the module doc) -> summary with per-case rows."""
     rows, sheet = [], []
@@ -85,7 +85,7 @@ def synthetic_speech_figures(
         voice = ESPEAK_VOICES[i % len(ESPEAK_VOICES)]
         audio = load_audio(espeak(voice, folder), sampling_rate=SR, mono=True).mono[: round(seconds * SR)]
         frames = pipe(
-            portrait, audio, sampling_rate=SR, output_type="np", generator=torch.manual_seed(0), **settings
+            portrait, audio, sampling_rate=SR, output_type="np", generator=torch.manual_seed(seed), **settings
         ).frames
         opening = mouth_opening(frames)
         sheet.append([portrait, *frames[:: max(1, len(frames) // 8)][:8]])
@@ -216,11 +216,20 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--espeak-seconds", type=float, default=4.0)
     parser.add_argument(
+        "--skip-espeak",
+        action="store_true",
+        help="leave out the espeak-ng lip-sync (measured once per model)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the generator's seed for every video")
+    parser.add_argument(
         "--vae-only",
         action="store_true",
         help="only the real held-out clips through the model's VAE: the mouth motion its latents can show",
     )
     args = parser.parse_args(argv)
+    if args.skip_espeak and args.espeak_only:
+        parser.error("--skip-espeak and --espeak-only exclude each other")
+    seed = args.seed
     settings = {
         key: value
         for key, value in (
@@ -259,8 +268,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.vae_only:
         return vae_ceiling(pipe, args.model, [c for c in cases if c[3] is not None], grid_cases)
     synthetic = {}
-    if shutil.which("espeak-ng"):
-        synthetic = synthetic_speech_figures(pipe, cases, args.out, args.espeak_seconds, settings)
+    if args.skip_espeak:
+        pass  # measured once per model, e.g. by an earlier run on the same weights
+    elif shutil.which("espeak-ng"):
+        synthetic = synthetic_speech_figures(pipe, cases, args.out, args.espeak_seconds, settings, seed)
     elif args.espeak_only:
         raise SystemExit("--espeak-only: espeak-ng is not installed (Debian: apt-get install espeak-ng)")
     if args.espeak_only:
@@ -273,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, portrait, audio, real in cases:
         started = time.time()
         frames = pipe(
-            portrait, audio, sampling_rate=SR, output_type="np", generator=torch.manual_seed(0), **settings
+            portrait, audio, sampling_rate=SR, output_type="np", generator=torch.manual_seed(seed), **settings
         ).frames
         seconds_spent += time.time() - started
         seconds_of_video += len(audio) / SR
@@ -291,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     grid_results = []
     for name, portrait, audio, real in grid_cases:
         frames = pipe(
-            portrait, audio, sampling_rate=SR, output_type="np", generator=torch.manual_seed(0), **settings
+            portrait, audio, sampling_rate=SR, output_type="np", generator=torch.manual_seed(seed), **settings
         ).frames
         row = {"case": name, "lipsync_r": lipsync_correlation(frames, audio, SR, 25.0)}
         row["vae_mouth_motion_ratio"] = mouth_motion_ratio(vae_round_trip(pipe, real), real)
@@ -316,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
             sampling_rate=SR,
             head_speed=speed,
             output_type="np",
-            generator=torch.manual_seed(0),
+            generator=torch.manual_seed(seed),
             **settings,
         ).frames
         poses = head_poses([(f * 255).astype(np.uint8) for f in frames])
@@ -340,6 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
         "size": size,
         "defaults": pipe.resolved_defaults(**settings),
         "cases": len(cases),
+        "seconds": args.seconds,
+        "seed": seed,
         "lipsync_r": mean("lipsync_r"),
         "lipsync_r_clip_portraits": float(
             np.nanmean([r["lipsync_r"] for r in results if "real_lipsync_r" in r])
