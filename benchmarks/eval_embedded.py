@@ -268,9 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.vae_only:
         return vae_ceiling(pipe, args.model, [c for c in cases if c[3] is not None], grid_cases)
     synthetic = {}
-    if args.skip_espeak:
-        pass  # measured once per model, e.g. by an earlier run on the same weights
-    elif shutil.which("espeak-ng"):
+    if shutil.which("espeak-ng") and not args.skip_espeak:
         synthetic = synthetic_speech_figures(pipe, cases, args.out, args.espeak_seconds, settings, seed)
     elif args.espeak_only:
         raise SystemExit("--espeak-only: espeak-ng is not installed (Debian: apt-get install espeak-ng)")
