@@ -234,8 +234,8 @@ def describe_model(pipe: EmoPipeline, model_path: str | os.PathLike) -> dict:
     elif embedded:
         summary = (
             f"The project's small embedded model ({size}), trained from scratch on a CPU on real talking faces: "
-            "it keeps the photo's person, blurred, and moves the mouth with the voice; fine detail is lost and it "
-            "flickers (see its model card)."
+            "it keeps the photo's person, blurred, and opens the mouth as the voice asks (closed in silence); fine "
+            "detail is lost (see its model card)."
         )
     else:
         summary = f"Model '{_model_name(path)}' ({size})."

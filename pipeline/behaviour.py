@@ -33,8 +33,10 @@ class Behaviour:
     # models with `reference_latent_channels` and a mouth head (`AudioProjection.mouth_opening`, the small
     # embedded model): > 0 makes the injected latents a posed reference, the portrait once per frame with its mouth
     # opened (`pipeline.mouth_pose`) by the voice's predicted opening (0 closed .. 1 wide, the 5th and 95th
-    # percentiles of a real speaker's) times this fraction of the face height; training opens the reference by
-    # the target frame's measured mouth. 0: the one still portrait
+    # percentiles of a real speaker's) times this fraction of the face height, counted from the portrait with its
+    # lips brought together (`mouth_pose.close_mouth`: a smile with teeth showing is closed first); a guidance
+    # branch without audio gets the closed mouth in every frame. Training opens the reference (one of the clip's
+    # most closed mouths) by the target frame's measured mouth. 0: the one still portrait
     posed_reference: float = 0.0
     # --- Hallo's inference as it really runs (each looks accidental, each shapes its published output) ---
     # the ReferenceNet batch is [reference, motion frames...] for the unconditional then the conditional

@@ -98,6 +98,9 @@ class ClipConditions:
     # (1, c, h, w) the reference's latents for a backbone with `reference_latent_channels`, else None; with
     # `behaviour.posed_reference` (1, c, f, h, w), one per frame
     reference_latents: torch.Tensor | None = None
+    # `behaviour.posed_reference`: (1, c, 1, h, w) the portrait with its mouth closed, the pose of a branch without
+    # audio (the pose is drawn from the voice: audio guidance then also pushes the mouth to the voice's pose)
+    closed_reference_latents: torch.Tensor | None = None
     # (1, f, h, w) the clip's mouth-opening maps for a backbone with `mouth_drive`, else None
     mouth_drive: torch.Tensor | None = None
 
@@ -467,7 +470,9 @@ class EmoPipeline(DiffusionPipeline):
             frames, index = portrait[None], np.zeros(len(opening), dtype=np.int64)
         else:
             fraction = np.clip(opening, 0.0, 1.2) * self.behaviour.posed_reference
-            frames, index = posed_frames(portrait, landmarks, fraction * face_height(landmarks))
+            frames, index = posed_frames(
+                portrait, landmarks, fraction * face_height(landmarks), close_first=True
+            )
         pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         latents = torch.cat([self.encode_image(chunk) for chunk in pixels.split(16)])
         return latents[torch.from_numpy(index).to(latents.device)].permute(1, 0, 2, 3)[None]
@@ -566,9 +571,14 @@ class EmoPipeline(DiffusionPipeline):
                 [d if use_audio else torch.zeros_like(d) for _, use_audio in selected]
             )
         if conds.reference_latents is not None:  # a branch without reference gets zeros, as in training
-            r = conds.reference_latents
+            r, closed = conds.reference_latents, conds.closed_reference_latents
             inputs["reference_latents"] = torch.cat(
-                [r if use_ref else torch.zeros_like(r) for use_ref in used]
+                [
+                    (r if use_audio or closed is None else closed.expand_as(r))
+                    if use_ref
+                    else torch.zeros_like(r)
+                    for use_ref, use_audio in selected
+                ]
             )
         return inputs
 
@@ -792,7 +802,8 @@ class EmoPipeline(DiffusionPipeline):
         posed = None  # (1, c, frames, h, w): the portrait with each frame's mouth opening, a posed reference
         if injected is not None and self.behaviour.posed_reference:
             opening = self.audio_projection.mouth_opening(audio_features)[0].float().cpu().numpy()
-            posed = self.posed_reference_latents(reference_pil, opening).to(reference_latents.dtype)
+            posed = self.posed_reference_latents(reference_pil, np.concatenate([[0.0], opening]))
+            closed, posed = posed.to(reference_latents.dtype).split([1, len(opening)], dim=2)
         mouth_drive = None
         if self.denoising_unet.config.mouth_drive:  # the voice's mouth opening drawn into the mouth region
             region = self.prepare_mouth_mask(reference_pil, device, purpose="drawn from the voice")
@@ -860,6 +871,7 @@ class EmoPipeline(DiffusionPipeline):
                 )  # fmt: skip
                 if posed is not None:
                     conds.reference_latents = posed[:, :, frames_slice]
+                    conds.closed_reference_latents = closed
 
                 # 5b. Denoising loop (the branches' inputs are built once per clip)
                 built: dict = {}

@@ -17,7 +17,7 @@ from pipeline import EmoPipeline
 from pipeline.behaviour import Behaviour
 from pipeline.face import face_landmarks
 from pipeline.models import AudioProjection
-from pipeline.mouth_pose import face_height, open_mouth, posed_frames
+from pipeline.mouth_pose import LOWER_INNER, UPPER_INNER, close_mouth, face_height, open_mouth, posed_frames
 from training.train import EmoTrainingModel
 
 EXAMPLE_PORTRAIT = Path(__file__).parents[1] / "assets" / "examples" / "portrait.png"
@@ -111,7 +111,8 @@ def test_the_pipeline_injects_the_portrait_posed_by_the_voice_frame_by_frame():
     opening = pipe.audio_projection.mouth_opening(features)[0].detach().numpy()
     assert opening[:4].max() > 0.1 and len(np.unique(np.round(opening[:4], 2))) > 1
     landmarks = face_landmarks(np.asarray(image))
-    pixels = [open_mouth(np.asarray(image), landmarks, v) for v in
+    closed, moved = close_mouth(np.asarray(image), landmarks)  # the lips brought together first
+    pixels = [open_mouth(closed, moved, v) for v in
               np.round(np.clip(opening[:4], 0, 1.2) * 0.08 * face_height(landmarks) * 4) / 4]  # fmt: skip
     expected = pipe.encode_image(torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1)
     torch.testing.assert_close(seen[0][:4], expected.detach(), atol=1e-4, rtol=1e-4)
@@ -120,6 +121,73 @@ def test_the_pipeline_injects_the_portrait_posed_by_the_voice_frame_by_frame():
     pipe.register_to_config(behaviour=replace(pipe.behaviour, posed_reference=0.0).to_config())
     video(voice)
     assert seen[0].shape == (2, 4, 32, 32)  # one still portrait for the clip (and zeros), as before
+
+
+def test_audio_guidance_sets_the_voices_pose_against_the_closed_mouth():
+    """The pose is drawn from the voice: the guidance branch without audio gets the closed mouth in every frame,
+    so audio guidance pushes the mouth towards the voice's pose as well as through audio attention."""
+    portrait = Image.open(EXAMPLE_PORTRAIT).convert("RGB")
+    pipe = posed_pipeline()
+    seen = []
+    pipe.denoising_unet.reference_latent_in.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    pipe(
+        portrait, speech_like(0.3), sampling_rate=16000, height=64, width=64, num_inference_steps=1, clip_length=4,
+        num_motion_frames=0, guidance_scale=2.0, generator=torch.Generator().manual_seed(0), output_type="np",
+    )  # fmt: skip
+    with_audio, without = seen[0][:4], seen[0][4:]  # one batched pass: the branch with audio, then without
+    assert (with_audio[1:] - with_audio[:1]).abs().amax() > 1e-3  # the voice's pose changes frame by frame
+    image = pipe.image_processor.postprocess(pipe.image_processor.preprocess(portrait, 64, 64), "pil")[0]
+    closed, _ = close_mouth(np.asarray(image), face_landmarks(np.asarray(image)))
+    expected = pipe.encode_image(torch.from_numpy(closed[None]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    torch.testing.assert_close(without, expected.detach().expand_as(without), atol=1e-4, rtol=1e-4)
+
+
+def _drawn_open_mouth() -> tuple[np.ndarray, np.ndarray]:
+    """A drawn face whose mouth shows teeth (rows 71-74) between the upper lip (68-70) and the lower lip (75-77),
+    with FaceMesh-numbered landmarks: inner lip edges at y 71 and 75 between corners at (54, 73) and (74, 73)."""
+    image = np.full((128, 128, 3), (200, 160, 140), np.uint8)
+    image[68:71, 50:79] = (180, 40, 50)
+    image[71:75, 55:74] = (235, 235, 225)
+    image[75:78, 50:79] = (150, 30, 40)
+    lm = np.zeros((468, 2), np.float32)
+    inner = np.linspace(56, 72, 9)
+    lm[UPPER_INNER[1:-1]] = np.stack([inner, np.full(9, 71.0)], 1)
+    lm[LOWER_INNER[1:-1]] = np.stack([inner, np.full(9, 75.0)], 1)
+    for index, point in {78: (54, 73), 308: (74, 73), 61: (50, 73), 291: (78, 73), 17: (64, 78), 152: (64, 100),
+                         10: (64, 30)}.items():  # fmt: skip
+        lm[index] = point
+    return image, lm
+
+
+def test_closing_the_mouth_covers_the_teeth_with_the_lower_lip():
+    image, lm = _drawn_open_mouth()
+    closed, moved = close_mouth(image, lm)
+    assert np.array_equal(closed[:71], image[:71])  # the upper lip and everything above: untouched
+    assert np.array_equal(closed[:, :45], image[:, :45])  # beside the mouth: untouched
+    column = closed[:, 64].astype(int)
+    assert not (column[60:100] > 220).all(axis=1).any()  # no teeth left in the middle of the mouth
+    assert np.abs(column[71:74] - (150, 30, 40)).max() < 25  # the lower lip now meets the upper one
+    assert moved[14, 1] == pytest.approx(71, abs=0.5) and moved[17, 1] == pytest.approx(74, abs=0.5)
+    assert np.array_equal(moved[[10, 13, 78]], lm[[10, 13, 78]])  # the upper lip's edge and above stay
+    assert moved[152, 1] < lm[152, 1] and moved[152, 1] > 96  # the chin follows, a little
+    # a closed mouth is left as it is; posed frames opened from a closed mouth count from there
+    again, same = close_mouth(closed, moved)
+    assert np.array_equal(again, closed) and np.array_equal(same, moved)
+    distinct, _ = posed_frames(image, lm, np.array([0.0, 6.0]), close_first=True)
+    assert np.array_equal(distinct[0], closed) and np.array_equal(distinct[1], open_mouth(closed, moved, 6.0))
+
+
+def test_the_portraits_smile_is_closed_then_opened_by_the_pose():
+    from pipeline.metrics import mouth_opening
+
+    image = np.asarray(Image.open(EXAMPLE_PORTRAIT).convert("RGB").resize((128, 128)))
+    landmarks = face_landmarks(image)  # the astronaut smiles with her teeth showing
+    face = face_height(landmarks)
+    distinct, _ = posed_frames(image, landmarks, np.array([0.0, 0.1, 0.15]) * face, close_first=True)
+    measured = mouth_opening(np.concatenate([image[None], distinct]))
+    print("MediaPipe's lip gap: the photo, then posed from closed:", np.round(measured, 3))
+    assert measured[1] < 0.5 * measured[0]  # closed: measured at 0.028 of the face height against 0.068
+    assert 1.5 * measured[1] < measured[2] < measured[3]  # and a wider pose measures wider
 
 
 def test_a_portrait_without_a_face_keeps_the_still_reference(caplog):
