@@ -38,6 +38,10 @@ class Behaviour:
     # branch without audio gets the closed mouth in every frame. Training opens the reference (one of the clip's
     # most closed mouths) by the target frame's measured mouth. 0: the one still portrait
     posed_reference: float = 0.0
+    # > 0: the portrait's levels are stretched per colour channel, this percentile of its pixels clipped at either
+    # end, before any network sees it, and the decoded frames mapped back (`pipeline.levels`): a model trained at
+    # small scale draws a dim, low-contrast portrait as it draws a well-exposed one. 0: the portrait as given
+    auto_levels: float = 0.0
     # --- Hallo's inference as it really runs (each looks accidental, each shapes its published output) ---
     # the ReferenceNet batch is [reference, motion frames...] for the unconditional then the conditional
     # branch, and its cross-attention context [uncond, cond] identity tokens is tiled over it row by row
@@ -65,6 +69,8 @@ class Behaviour:
                 raise ValueError(f"behaviour.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.posed_reference < 0 or (self.posed_reference and self.mask_reference_mouth):
             raise ValueError("behaviour.posed_reference must be >= 0 and excludes mask_reference_mouth")
+        if not 0 <= self.auto_levels < 50:
+            raise ValueError(f"behaviour.auto_levels must be a percentile in [0, 50), got {self.auto_levels}")
         if self.reference_frames_alternate and not self.reference_identity_interleave:
             raise ValueError("behaviour.reference_frames_alternate needs reference_identity_interleave")
 

@@ -31,6 +31,7 @@ from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from .audio_features import SAMPLING_RATE, hallo_frame_features, wav2vec_frame_features
 from .behaviour import Behaviour
+from .levels import Levels
 from .models import (
     AudioProjection,
     EmoUNet3DModel,
@@ -781,6 +782,9 @@ class EmoPipeline(DiffusionPipeline):
             # diffusers reads numpy images as floats in [0, 1]; a photo array is 0..255
             reference_image = PIL.Image.fromarray(reference_image).convert("RGB")
         image = self.image_processor.preprocess(reference_image, height=height, width=width)
+        levels = Levels.of(image, self.behaviour.auto_levels) if self.behaviour.auto_levels else None
+        if levels is not None:
+            image = levels.stretch(image)
         reference_pil = self.image_processor.postprocess(image, output_type="pil")[0]
         original = reference_image if isinstance(reference_image, PIL.Image.Image) else reference_pil
         reference_latents = self.encode_image(image)
@@ -923,6 +927,8 @@ class EmoPipeline(DiffusionPipeline):
                 else:
                     motion_latents = frame_latents[clip_length - num_motion_frames :]
                 frames = decoded[: num_frames - clip * clip_length]
+                if levels is not None:
+                    frames = levels.restore(frames)
                 if callback_on_clip_end is not None:
                     callback_on_clip_end(self, clip, num_clips, (frames * 255).round().astype(np.uint8))
                 if output_type != "none":
