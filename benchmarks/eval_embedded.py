@@ -1,7 +1,8 @@
 """How well a model animates people and sentences it never saw: lip-sync, identity, stability, head speed.
 
     python benchmarks/eval_embedded.py [--model assets/models/emo-small] [--data ../shared/data] [--seconds 3]
-        [--preset P] [--steps N] [--guidance-scale G] [--seed S] [--skip-espeak | --espeak-only] [--vae-only]
+        [--preset P] [--steps N] [--guidance-scale G] [--seed S] [--skip-espeak | --espeak-only | --recordings]
+        [--vae-only]
 
 Inputs are the held-out part of `../shared/data` (`training.splits`): the first frame of each held-out real
 clip with the clip's own voice, and the held-out photos with held-out GRID sentences and recordings. Every
@@ -13,6 +14,8 @@ guidance given (the figures of other settings, e.g. a stronger audio guidance, a
   es, in turn), 4 s, where loudness marks the syllables well (`--espeak-only`: these cases alone); for a
   model with a mouth head (a mouth drive or a posed reference) also "drive_r", the same measure of the
   opening its mouth head asked for, and "mouth_vs_drive_r", the correlation of the generated opening with it (how well the denoiser follows);
+  `--recordings` alone: the same on every recording of `speech/` (48 people's speech in several languages, and
+  singing; no training stage uses them), each on the next portrait in turn, 4 s each;
 - identity: the 32x32 colour distance of each video's frames to every portrait; "nearest" is the share of
   videos closest to their own portrait, "margin" the mean gap to the nearest other portrait; the same with
   SSIM at full resolution (structure: a blurry generic face in the portrait's colours scores low);
@@ -76,14 +79,24 @@ def espeak(voice: str, folder: Path, sentence: str = ESPEAK_SENTENCE, name: str 
     return path
 
 
-def synthetic_speech_figures(
-    pipe: EmoPipeline, cases: list, folder: Path, seconds: float, settings: dict, seed: int = 0
+def voice_figures(
+    pipe: EmoPipeline,
+    cases: list,
+    voices: list[tuple[str, Path]],
+    folder: Path,
+    seconds: float,
+    settings: dict,
+    seed: int = 0,
+    prefix: str = "espeak",
 ) -> dict:
-    """Lip-sync of every case's portrait on espeak-ng speech (see the module doc) -> summary with per-case rows."""
+    """Lip-sync of portraits on (label, audio file) `voices`, the longer list of the two run through once and the
+    other reused in turn (see the module doc) -> summary with per-case rows, keys starting with `prefix`; the
+    contact sheet is `folder/<prefix>_contact_sheet.png`."""
     rows, sheet = [], []
-    for i, (name, portrait, _, _) in enumerate(cases):
-        voice = ESPEAK_VOICES[i % len(ESPEAK_VOICES)]
-        audio = load_audio(espeak(voice, folder), sampling_rate=SR, mono=True).mono[: round(seconds * SR)]
+    for i in range(max(len(cases), len(voices))):
+        name, portrait, _, _ = cases[i % len(cases)]
+        voice, path = voices[i % len(voices)]
+        audio = load_audio(path, sampling_rate=SR, mono=True).mono[: round(seconds * SR)]
         frames = pipe(
             portrait, audio, sampling_rate=SR, output_type="np", generator=torch.manual_seed(seed), **settings
         ).frames
@@ -106,17 +119,17 @@ def synthetic_speech_figures(
             "face_found": float(np.isfinite(opening).mean()),
         })  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
-    contact_sheet(sheet).save(folder / "espeak_contact_sheet.png")
+    contact_sheet(sheet[:16]).save(folder / f"{prefix}_contact_sheet.png")
     values = [r["lipsync_r"] for r in rows if np.isfinite(r["lipsync_r"])]
     return {
-        "espeak_lipsync_r": float(np.mean(values)) if values else float("nan"),
-        "espeak_mouth_opening_std": float(np.nanmean([r["mouth_opening_std"] for r in rows])),
+        f"{prefix}_lipsync_r": float(np.mean(values)) if values else float("nan"),
+        f"{prefix}_mouth_opening_std": float(np.nanmean([r["mouth_opening_std"] for r in rows])),
         **{
-            f"espeak_{key}": float(np.nanmean([r[key] for r in rows]))
-            for key in ("drive_r", "mouth_vs_drive_r")
+            f"{prefix}_{key}": float(np.nanmean([r[key] for r in rows]))
+            for key in ("drive_r", "mouth_vs_drive_r", "face_found")
             if rows and key in rows[0]
         },
-        "espeak_cases": rows,
+        f"{prefix}_cases": rows,
     }
 
 
@@ -214,7 +227,14 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="only the lip-sync on espeak-ng speech (a quick comparison)",
     )
-    parser.add_argument("--espeak-seconds", type=float, default=4.0)
+    parser.add_argument(
+        "--recordings",
+        action="store_true",
+        help="only the lip-sync on every recording of speech/ (languages, singing), a portrait each in turn",
+    )
+    parser.add_argument(
+        "--espeak-seconds", type=float, default=4.0, help="seconds of each espeak-ng or recording case"
+    )
     parser.add_argument(
         "--skip-espeak",
         action="store_true",
@@ -229,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.skip_espeak and args.espeak_only:
         parser.error("--skip-espeak and --espeak-only exclude each other")
+    if args.recordings and (args.espeak_only or args.vae_only):
+        parser.error("--recordings runs alone: leave out --espeak-only and --vae-only")
     seed = args.seed
     settings = {
         key: value
@@ -268,15 +290,21 @@ def main(argv: list[str] | None = None) -> dict:
     if args.vae_only:
         return vae_ceiling(pipe, args.model, [c for c in cases if c[3] is not None], grid_cases)
     synthetic = {}
-    if shutil.which("espeak-ng") and not args.skip_espeak:
-        synthetic = synthetic_speech_figures(pipe, cases, args.out, args.espeak_seconds, settings, seed)
+    if args.recordings:
+        recordings = [(p.stem, p) for p in sorted((args.data / "speech").glob("*.flac"))]
+        synthetic = voice_figures(
+            pipe, cases, recordings, args.out, args.espeak_seconds, settings, seed, prefix="recordings"
+        )
+    elif shutil.which("espeak-ng") and not args.skip_espeak:
+        voices = [(voice, espeak(voice, args.out)) for voice in ESPEAK_VOICES]
+        synthetic = voice_figures(pipe, cases, voices, args.out, args.espeak_seconds, settings, seed)
     elif args.espeak_only:
         raise SystemExit("--espeak-only: espeak-ng is not installed (Debian: apt-get install espeak-ng)")
-    if args.espeak_only:
+    if args.espeak_only or args.recordings:
         summary = {"date": str(date.today()), "model": str(args.model), "cases": len(cases), **synthetic}
         with open(ROOT / "benchmarks" / "results_eval.jsonl", "a") as f:
             f.write(json.dumps(summary) + "\n")
-        print(json.dumps({k: v for k, v in summary.items() if k != "espeak_cases"}, indent=1))
+        print(json.dumps({k: v for k, v in summary.items() if not k.endswith("_cases")}, indent=1))
         return summary
     results, videos, seconds_of_video, seconds_spent = [], [], 0.0, 0.0
     for name, portrait, audio, real in cases:
