@@ -59,11 +59,12 @@ FULL_SIZE_HOWTO = """\
 """
 
 SMALL_MODEL_NOTE = """\
-- **It can** run the whole EMO pipeline on any computer, offline, 5 to 12 s per second of video on a 2-core
+- **It can** run the whole EMO pipeline on any computer, offline, about 7 s per second of video on a 2-core
   CPU: it keeps your photo's person (face shape, hair, skin tone, clothing, background) at
   {resolution}×{resolution} pixels, opens and closes the mouth with the voice (closed in silence), and writes an mp4 with your sound.
-- **It cannot** keep fine detail: faces come out soft (eyes and teeth blur), it flickers, and the mouth moves
-  less than a real one: it was trained for hours on a CPU. For real quality, load a full-size model.
+- **It cannot** keep fine detail: faces come out soft (eyes and teeth blur), the mouth can smear, the head
+  moves little, and the mouth sometimes opens wider than a real one: it was trained for hours on a CPU. For
+  real quality, load a full-size model.
 """
 
 

@@ -72,7 +72,7 @@ def distances(videos, portraits, name: str) -> tuple[float, float]:
 
 def test_the_video_follows_the_portrait(videos, portraits):
     own, foreign = distances(videos, portraits, "astronaut")
-    assert own < 0.5 * foreign  # measured: 0.021 vs 0.181 (the previous model: 0.052 vs 0.181)
+    assert own < 0.5 * foreign  # measured: 0.023 vs 0.180 (the previous model: 0.052 vs 0.181)
 
 
 def test_the_video_follows_a_portrait_unlike_its_training_data(videos, portraits):
@@ -95,7 +95,7 @@ def test_mediapipe_finds_a_face_in_the_generated_frames(videos, speech):
 
 def test_the_mouth_follows_the_voice_and_rests_in_silence(videos, speech):
     opening, r = mouth_figures(videos["astronaut"], speech)
-    assert r > 0.25  # measured here: 0.53 (speech 0.0165 of the face height, silence 0.0067)
+    assert r > 0.25  # measured here: 0.47 (speech 0.0138 of the face height, silence 0.0068)
     assert np.nanmean(opening[30:]) > 1.2 * np.nanmean(opening[5:22])
 
 
@@ -105,4 +105,24 @@ def test_frames_are_stable_and_sized(videos, pipe, speech):
     assert video.shape == (frames, pipe.default_size, pipe.default_size, 3)
     change = np.abs(np.diff(video, axis=0)).mean()
     print(f"frame-to-frame change {change:.4f}")
-    assert change < 0.03  # measured here 0.0066; benchmarks/eval_embedded.py: 0.0075 (real video 0.0056)
+    assert change < 0.03  # measured here 0.0062; benchmarks/eval_embedded.py: 0.0054 (real video 0.0056)
+
+
+def test_a_dim_photo_comes_out_as_clean_and_keeps_its_exposure(pipe, portraits, speech):
+    """The astronaut at 45 % of its brightness (a photo taken in a dim room), 2 s of the sentence: the model's auto
+    levels stretch it before the networks and map the frames back. Measured here: face found in 100 % of the
+    frames, colour distance to the dim photo 0.010, lip-sync r 0.84; the same model without auto levels: 36 %,
+    0.032 and 0.24 (patchy frames, brighter than the photo)."""
+    assert pipe.behaviour.auto_levels > 0
+    dim = (portraits["astronaut"] * 0.45).round().astype(np.uint8)
+    voice = speech[SR : 3 * SR]
+    frames = pipe(dim, voice, sampling_rate=SR, output_type="np", generator=torch.manual_seed(0)).frames
+    opening = mouth_opening(frames)
+    distance = np.mean([appearance_distance(f, dim) for f in frames[::5]])
+    r = correlation(opening, loudness_envelope(voice, SR, len(frames), 25.0))
+    print(f"dim photo: face found in {np.isfinite(opening).mean():.0%}, distance {distance:.4f}, r {r:.2f}, "
+          f"mean level {frames.mean():.3f} (the photo {dim.mean() / 255:.3f})")  # fmt: skip
+    assert np.isfinite(opening).mean() > 0.9
+    assert distance < 0.02
+    assert abs(frames.mean() - dim.mean() / 255) < 0.01  # measured 0.253 against 0.254; without: 0.282
+    assert r > 0.4
