@@ -38,9 +38,10 @@ class Behaviour:
     # branch without audio gets the closed mouth in every frame. Training opens the reference (one of the clip's
     # most closed mouths) by the target frame's measured mouth. 0: the one still portrait
     posed_reference: float = 0.0
-    # > 0: the portrait's levels are stretched per colour channel, this percentile of its pixels clipped at either
-    # end, before any network sees it, and the decoded frames mapped back (`pipeline.levels`): a model trained at
-    # small scale draws a dim, low-contrast portrait as it draws a well-exposed one. 0: the portrait as given
+    # > 0: the portrait's levels are stretched (one map for the three channels), this percentile of its pixels
+    # clipped at either end, before any network sees it, and the decoded frames mapped back (`pipeline.levels`):
+    # a model trained at small scale draws a dim, low-contrast portrait as it draws a well-exposed one. 0: the
+    # portrait as given
     auto_levels: float = 0.0
     # --- Hallo's inference as it really runs (each looks accidental, each shapes its published output) ---
     # the ReferenceNet batch is [reference, motion frames...] for the unconditional then the conditional

@@ -37,9 +37,8 @@ class Levels:
         bounds = torch.quantile(pixels, torch.tensor([percentile, 100 - percentile]) / 100, dim=1)
         low, high = float(bounds[0].min()), float(bounds[1].max())
         span = max(high - low, MIN_SPAN)
-        return cls(
-            low=min(low, 1 - span), span=span
-        )  # a bright near-flat image: the range stays inside [0, 1]
+        # a bright near-flat image: the stretched range stays inside [0, 1]
+        return cls(low=min(low, 1 - span), span=span)
 
     def stretch(self, image: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) in [-1, 1] -> the same with these levels stretched to [0, 1], in [-1, 1]."""
